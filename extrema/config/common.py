@@ -1,0 +1,107 @@
+"""Config pieces shared by every task: model shape, data, run control."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raise a ValueError that names the field, the bad value and the allowed ones."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {list(choices)}")
+
+
+def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    """Raise a ValueError unless value > 0 (or >= 0 with allow_zero)."""
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclass
+class ModelConfig:
+    """Encoder and heads."""
+
+    arch: str = "vit_base"
+    """Encoder size by name: vit_nano, vit_micro, vit_tiny, vit_small, vit_base, vit_large."""
+    img_size: int = 224
+    """Input resolution in pixels (square)."""
+    patch_size: int = 16
+    """Patch side in pixels; the token grid is img_size / patch_size per side."""
+    drop_path_rate: float = 0.1
+    """Stochastic-depth rate of the last student block (linear from 0); the teacher uses none."""
+    layer_scale_init: float = 0.1
+    """Initial layer-scale value of the class-attention blocks."""
+    class_attention_layers: int = 2
+    """Number of class-attention blocks after the self-attention blocks."""
+    proj_dim: int = 256
+    """Output width of projector and predictor."""
+    mlp_dim: int = 4096
+    """Hidden width of projector and predictor."""
+
+    def __post_init__(self) -> None:
+        from extrema.models.registry import ENCODER_SIZES
+
+        check_choice("model.arch", self.arch, tuple(ENCODER_SIZES))
+        if self.img_size % self.patch_size:
+            raise ValueError(
+                f"model.img_size={self.img_size} is not a multiple of model.patch_size={self.patch_size}"
+            )
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"model.drop_path_rate={self.drop_path_rate} must be in [0, 1)")
+        for name in ("class_attention_layers", "proj_dim", "mlp_dim"):
+            check_positive(f"model.{name}", getattr(self, name))
+
+    @property
+    def num_tokens(self) -> int:
+        """Patch tokens per image."""
+        return (self.img_size // self.patch_size) ** 2
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and how they are read."""
+
+    root: str = "data/imagenet"
+    """Dataset root holding train/<class>/<images> and val/<class>/<images>."""
+    name: str = "imagenet-1k"
+    """Dataset name for the results table."""
+    num_workers: int = 8
+    """Data-loader worker processes per rank."""
+    cache_dir: Optional[str] = None
+    """Where the scanned file list is cached; None = the run folder's parent (shared across requeues)."""
+
+    def __post_init__(self) -> None:
+        check_positive("data.num_workers", self.num_workers, allow_zero=True)
+
+
+@dataclass
+class RunConfig:
+    """Run control shared by every trainer."""
+
+    seed: int = 0
+    """Seed of every random stream (model init, masks, augmentation, sampler)."""
+    precision: str = "fp16"
+    """fp32, bf16 (autocast, no scaler) or fp16 (autocast + dynamic loss scaler)."""
+    device: str = "auto"
+    """auto (cuda when present), cpu or cuda."""
+    save_every_steps: int = 1000
+    """Checkpoint period in optimizer steps (also saved at the end and on preemption)."""
+    keep_last: int = 3
+    """How many step checkpoints to keep (older ones are deleted)."""
+    log_every_steps: int = 20
+    """Metrics logging period in steps."""
+    max_steps: Optional[int] = None
+    """Stop after this many steps in total (for tests and smoke runs); None = the full schedule."""
+    threads: Optional[int] = None
+    """torch intra-op threads on CPU; None = torch's default."""
+
+    def __post_init__(self) -> None:
+        check_choice("run.precision", self.precision, PRECISIONS)
+        check_choice("run.device", self.device, DEVICES)
+        check_positive("run.save_every_steps", self.save_every_steps)
+        check_positive("run.keep_last", self.keep_last)
+        check_positive("run.log_every_steps", self.log_every_steps)

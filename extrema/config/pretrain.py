@@ -1,0 +1,94 @@
+"""Pretraining config: the published recipe is the default (vit_base, 80% x 5, colour views)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from extrema.config.common import DataConfig, ModelConfig, RunConfig, check_choice, check_positive
+
+AUGMENTATIONS = ("color", "spatial", "center")
+LOSS_NAMES = ("byol", "infonce")
+
+
+@dataclass
+class MaskConfig:
+    """Extreme masking of the student's view."""
+
+    ratio: float = 0.8
+    """Fraction of tokens each mask hides."""
+    num_masks: int = 5
+    """Masked student views per image."""
+    disjoint: bool = True
+    """Masks of one image share no token (else each is drawn independently)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warm-up + cosine, scaled by global batch / 256."""
+
+    batch_size: int = 2048
+    """Global batch over all ranks."""
+    epochs: int = 300
+    """Epochs of the schedule."""
+    warmup_epochs: float = 40
+    """Linear lr warm-up length in epochs."""
+    base_lr: float = 1.5e-4
+    """lr per 256 images; the peak lr is base_lr * batch_size / 256."""
+    min_lr: float = 0.0
+    """lr at the end of the cosine."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW eps."""
+    weight_decay: float = 0.1
+    """Weight decay at the start (1-D parameters, biases, [cls] and positions get none)."""
+    weight_decay_end: float = 0.1
+    """Weight decay at the end (cosine from weight_decay)."""
+    clip_grad: Optional[float] = None
+    """Clip the global grad norm to this value; None = no clipping."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "epochs", "base_lr", "eps"):
+            check_positive(f"optim.{name}", getattr(self, name))
+        check_positive("optim.warmup_epochs", self.warmup_epochs, allow_zero=True)
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"optim.warmup_epochs={self.warmup_epochs} exceeds optim.epochs={self.epochs}")
+        if self.clip_grad is not None:
+            check_positive("optim.clip_grad", self.clip_grad)
+
+
+@dataclass
+class PretrainConfig:
+    """Everything one pretraining run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    augmentation: str = "color"
+    """color (two colour views of one crop), spatial (one view for both) or center (center crop)."""
+    color_on_device: bool = False
+    """Colour-jitter the crops as batched tensor ops on the training device instead of per image on CPU."""
+    loss: str = "byol"
+    """byol or infonce."""
+    temperature: float = 0.2
+    """InfoNCE temperature."""
+    momentum: float = 0.996
+    """Base EMA momentum m0 (cosine to 1)."""
+    init_from: Optional[str] = None
+    """Checkpoint to start from (project or reference format); ignored once the run has its own."""
+    compile: bool = False
+    """torch.compile the student encoder."""
+
+    def __post_init__(self) -> None:
+        from extrema.masking import check_mask_settings
+
+        check_choice("augmentation", self.augmentation, AUGMENTATIONS)
+        check_choice("loss", self.loss, LOSS_NAMES)
+        if not 0.0 <= self.momentum <= 1.0:
+            raise ValueError(f"momentum={self.momentum} must be in [0, 1]")
+        check_mask_settings(self.model.num_tokens, self.mask.ratio, self.mask.num_masks, self.mask.disjoint)

@@ -1,0 +1,47 @@
+"""What every trainer offers the job runner, and the run folder's layout.
+
+A run folder holds one task's run:
+    config.yaml            resolved config (written by the job)
+    checkpoints/           step-numbered verified checkpoints (`ckpt_000001234.pt`), newest = resume point
+    metrics.jsonl          one JSON object per logged step
+    tb/                    TensorBoard events
+    metrics.json           the task's final summary (pretraining: final loss, wall time; evaluations: accuracies)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+StopRequested = Callable[[], bool]
+
+CHECKPOINT_DIR = "checkpoints"
+METRICS_LOG = "metrics.jsonl"
+FINAL_METRICS = "metrics.json"
+TENSORBOARD_DIR = "tb"
+
+
+@dataclass
+class FitResult:
+    """How `fit` ended: "finished" (the schedule is done) or "stopped" (saved at a stop request)."""
+
+    status: str
+    step: int
+    metrics: dict = field(default_factory=dict)
+
+
+class Trainer(Protocol):
+    """A resumable trainer. The job runner does: `t = Trainer(cfg, run_dir); t.resume(); t.fit(stop)`."""
+
+    run_dir: Path
+
+    def resume(self) -> bool:
+        """Load the newest verified checkpoint of the run folder (else the config's init); True if resumed."""
+
+    def fit(self, stop_requested: StopRequested | None = None) -> FitResult:
+        """Train to the end of the schedule. `stop_requested()` is polled at every step boundary; when any
+        rank sees True, all ranks save a checkpoint together and return status "stopped"."""
+
+    def save_checkpoint(self) -> Path:
+        """Write a checkpoint of the full state now (atomic); return its path."""

@@ -1,0 +1,163 @@
+"""The ExtreMA encoder: a CaiT-style ViT with no [cls] token at the input.
+
+Patch tokens (+ fixed sin-cos positions) go through `depth` pre-norm blocks; a learned [cls] token then
+reads them through `class_attention_layers` class-attention blocks. The embedding is the normed [cls].
+The student may see only a subset of tokens per mask: `keep` holds the kept token indices per mask and
+the masked views are stacked mask-major along the batch (rows [0, B) are mask 0, [B, 2B) mask 1, ...).
+Parameter names equal the reference's, so its checkpoints load without renaming.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Sequence
+
+import torch
+from timm.layers import PatchEmbed
+from timm.models.cait import LayerScaleBlockClassAttn
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from extrema.models.pos_embed import sincos_2d_table
+
+LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)
+
+KeepIndices = torch.Tensor | Sequence[torch.Tensor]
+
+
+def stack_keep(keep: KeepIndices) -> torch.Tensor:
+    """Return keep-indices as one (M, B, k) LongTensor from a tensor or a list of (B, k) tensors."""
+    if isinstance(keep, torch.Tensor):
+        if keep.dim() == 2:
+            keep = keep[None]
+        if keep.dim() != 3:
+            raise ValueError(f"keep must be (M, B, k) or (B, k); got shape {tuple(keep.shape)}")
+        return keep
+    return torch.stack(list(keep))
+
+
+class ExtremaViT(nn.Module):
+    """CaiT-style ViT encoder; `forward` returns the (B', D) embedding, `head` is the projector slot."""
+
+    def __init__(
+        self,
+        *,
+        img_size: int = 224,
+        patch_size: int = 16,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        class_attention_layers: int = 2,
+        layer_scale_init: float = 0.1,
+        drop_path_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=3, embed_dim=embed_dim)
+        self.grid_size: tuple[int, int] = tuple(self.patch_embed.grid_size)
+        self.num_tokens = self.grid_size[0] * self.grid_size[1]
+        # A buffer, not a Parameter: never trained, never decayed, but saved (the reference stores it).
+        self.register_buffer("pos_embed", sincos_2d_table(self.grid_size, embed_dim), persistent=True)
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth
+        self.blocks = nn.ModuleList(
+            Block(
+                embed_dim,
+                num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=True,
+                attn_drop=attn_drop_rate,
+                drop_path=rate,
+                norm_layer=LayerNorm6,
+            )
+            for rate in rates
+        )
+        self.blocks_token = nn.ModuleList(
+            LayerScaleBlockClassAttn(
+                embed_dim,
+                num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=True,
+                attn_drop=attn_drop_rate,
+                drop_path=0.0,
+                norm_layer=LayerNorm6,
+                init_values=layer_scale_init,
+            )
+            for _ in range(class_attention_layers)
+        )
+        self.norm = LayerNorm6(embed_dim)
+        self.head: nn.Module = nn.Identity()
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Reference init: xavier-uniform Linears with zero bias, unit LayerNorms, xavier patch projection."""
+        nn.init.normal_(self.cls_token, std=0.02)
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                init_linear(module)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        # gamma_1/gamma_2 keep the layer_scale_init value timm's block gave them.
+
+    def no_weight_decay(self) -> set[str]:
+        """Names excluded from weight decay besides 1-D tensors (the position table is a buffer)."""
+        return {"cls_token", "pos_embed"}
+
+    def embed_tokens(self, images: torch.Tensor, keep: KeepIndices | None = None) -> torch.Tensor:
+        """Patchify, add positions, and gather the kept tokens: (B, N, D) or mask-major (M*B, k, D)."""
+        x = self.patch_embed(images) + self.pos_embed.to(images.dtype)  # (B, N, D)
+        if keep is not None:
+            idx = stack_keep(keep).to(x.device)  # (M, B, k)
+            m, b, k = idx.shape
+            if b != x.shape[0]:
+                raise ValueError(f"keep-indices are for batch {b} but the images have batch {x.shape[0]}")
+            # One gather for all masks: (M, B, N, D) is an expanded view, not a copy.
+            x = x.unsqueeze(0).expand(m, -1, -1, -1).gather(2, idx[..., None].expand(-1, -1, -1, x.shape[-1]))
+            x = x.reshape(m * b, k, -1)  # mask-major rows
+        return self.pos_drop(x)
+
+    def forward_tokens(self, images: torch.Tensor, keep: KeepIndices | None = None) -> torch.Tensor:
+        """Patch tokens after the self-attention blocks: (B', n, D)."""
+        x = self.embed_tokens(images, keep)
+        for blk in self.blocks:
+            x = blk(x)
+        return x
+
+    def forward_cls(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The [cls] output of the class-attention blocks, before the final norm: (B', 1, D)."""
+        cls = self.cls_token.expand(tokens.shape[0], -1, -1)
+        for blk in self.blocks_token:
+            cls = blk(tokens, cls)
+        return cls
+
+    def forward_features(self, images: torch.Tensor, keep: KeepIndices | None = None) -> torch.Tensor:
+        """Un-normed [cls] feature (the linear-probe feature): (B', D)."""
+        return self.forward_cls(self.forward_tokens(images, keep))[:, 0]
+
+    def forward(self, images: torch.Tensor, keep: KeepIndices | None = None) -> torch.Tensor:
+        """The embedding: the final LayerNorm of the [cls] output, (B', D) with B' = M*B when masked.
+
+        LayerNorm acts per token, so norming only the [cls] row equals the reference's norm of
+        concat(cls, tokens) followed by taking row 0.
+        """
+        return self.norm(self.forward_features(images, keep))
+
+    def forward_head(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Apply the projector slot (identity for a bare backbone)."""
+        return self.head(embedding)
+
+
+def init_linear(module: nn.Linear) -> None:
+    """Xavier-uniform weight, zero bias (the reference's init for every Linear)."""
+    nn.init.xavier_uniform_(module.weight)
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
