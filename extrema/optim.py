@@ -1,0 +1,40 @@
+"""AdamW parameter groups (no decay for 1-D parameters, biases, [cls] and positions) and per-step updates."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def decay_groups(model: nn.Module, weight_decay: float, skip: set[str] = frozenset()) -> list[dict]:
+    """Two groups: decayed weights, and the rest (1-D tensors, biases, and names ending in `skip`)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim <= 1 or name.endswith(".bias") or any(name.split(".")[-1] == s for s in skip):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "apply_decay": True},
+        {"params": no_decay, "weight_decay": 0.0, "apply_decay": False},
+    ]
+
+
+def build_adamw(
+    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float, skip: set[str]
+) -> torch.optim.AdamW:
+    """AdamW over the decay groups; fused on CUDA, foreach elsewhere (no Python loop over parameters)."""
+    groups = decay_groups(model, weight_decay, skip)
+    on_cuda = next(model.parameters()).is_cuda
+    kwargs = {"fused": True} if on_cuda else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
+
+
+def set_lr_and_wd(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    """Write this step's lr into every group and the weight decay into the decayed groups."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+        if group.get("apply_decay", True):
+            group["weight_decay"] = weight_decay
