@@ -7,7 +7,6 @@ and learning rates are per 256 images, scaled by batch_size / 256.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
 
 from extrema.config.common import DataConfig, ModelConfig, RunConfig, check_choice, check_positive
 
@@ -38,7 +37,7 @@ class LinearProbeConfig:
     model: ModelConfig = field(default_factory=_probe_model)
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
     """Weights to evaluate (project checkpoint, backbone export or released reference file); None = random init."""
     branch: str = "teacher"
     """Which encoder of a siamese checkpoint to probe: teacher (the published numbers) or student."""
@@ -79,7 +78,7 @@ class FastProbeConfig:
     model: ModelConfig = field(default_factory=_probe_model)
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
     """Weights to evaluate (project checkpoint, backbone export or released reference file); None = random init."""
     branch: str = "teacher"
     """Which encoder of a siamese checkpoint to evaluate: teacher or student."""
@@ -93,9 +92,9 @@ class FastProbeConfig:
     """Epochs over the cached training features."""
     warmup_epochs: float = 10
     """Linear lr warm-up length in epochs (then a half-cosine to 0)."""
-    lrs: List[float] = field(default_factory=lambda: [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
+    lrs: list[float] = field(default_factory=lambda: [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
     """Grid of lrs per 256 images; each is tried with and without the BatchNorm (`batchnorm`)."""
-    batchnorm: List[bool] = field(default_factory=lambda: [True, False])
+    batchnorm: list[bool] = field(default_factory=lambda: [True, False])
     """Head variants: with BatchNorm1d(affine=False) before the Linear (the reference head) and/or without."""
     momentum: float = 0.9
     """SGD momentum of every head."""
@@ -143,7 +142,7 @@ class FinetuneConfig:
     model: ModelConfig = field(default_factory=_finetune_model)
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
     """Weights to start from (project checkpoint, backbone export, reference file or a finetune); None = random."""
     branch: str = "student"
     """Which encoder of a siamese checkpoint to finetune: student (the reference's choice) or teacher."""
@@ -167,9 +166,9 @@ class FinetuneConfig:
     """AdamW beta2."""
     eps: float = 1e-8
     """AdamW eps."""
-    clip_grad: Optional[float] = None
+    clip_grad: float | None = None
     """Clip the global grad norm to this value; None = no clipping (the reference's default)."""
-    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
     """timm auto-augment policy string; None = no auto-augment."""
     color_jitter: float = 0.4
     """Colour-jitter strength (timm applies it only when auto_augment is None)."""

@@ -1,0 +1,279 @@
+"""Pieces every evaluation protocol shares: weight loading with an explicit replace-list, the frozen feature
+model of the probes, the finetune model, class-list checks, top-k counting and a weights fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from timm.layers import trunc_normal_
+from torch import nn
+
+from extrema.checkpoint import CheckpointError, backbone_state, is_reference_format, read_checkpoint
+from extrema.config.common import ModelConfig
+from extrema.models.encoder import ExtremaViT, LayerNorm6
+from extrema.models.registry import create_encoder
+
+log = logging.getLogger(__name__)
+
+FINETUNE_KIND = "finetune"
+PROBE_KINDS = ("linear_probe", "fast_probe")
+
+
+# ---- weights -------------------------------------------------------------------------------------------
+@dataclass
+class WeightsSource:
+    """Where evaluated weights came from (recorded in metrics.json)."""
+
+    path: str | None
+    """The checkpoint file, or None for a random init."""
+    branch: str | None
+    """teacher / student for siamese checkpoints; the exporter's branch for backbone files."""
+    format: str
+    """reference, pretrain, backbone, finetune, or random."""
+    step: int | None = None
+    """Optimizer step of the pretraining (or finetune) run when it was saved."""
+    epoch: int | None = None
+    """Epoch recorded in the file."""
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "branch": self.branch, "format": self.format, "step": self.step, "epoch": self.epoch}
+
+
+def read_eval_weights(path: str | Path, branch: str) -> tuple[dict[str, torch.Tensor], WeightsSource]:
+    """Encoder weights to evaluate from any supported file, and where they came from.
+
+    Pretraining checkpoints (project or released reference format) give the chosen branch without its
+    projector; backbone exports give their one encoder; a finetune checkpoint gives its whole model
+    (patch embedding, blocks, fc_norm, head) so that it can be finetuned again.
+    """
+    ckpt = read_checkpoint(path)
+    kind = ckpt.get("kind")
+    if kind in PROBE_KINDS:
+        raise CheckpointError(
+            f"{path} is a {kind} checkpoint (a classifier head only); evaluate the pretraining checkpoint it "
+            f"was trained on ({ckpt.get('weights', {}).get('path', 'recorded in its metrics.json')})"
+        )
+    if kind == FINETUNE_KIND:
+        state, fmt, used_branch = ckpt["model"], FINETUNE_KIND, None
+    else:
+        state = backbone_state(ckpt, branch)
+        fmt = "reference" if is_reference_format(ckpt) else ("backbone" if kind == "backbone" else "pretrain")
+        used_branch = ckpt.get("branch", branch) if kind == "backbone" else branch
+    source = WeightsSource(str(path), used_branch, fmt, _maybe_int(ckpt.get("step")), _maybe_int(ckpt.get("epoch")))
+    return state, source
+
+
+def load_protocol_weights(
+    module: nn.Module,
+    state: dict[str, torch.Tensor],
+    *,
+    dropped: Sequence[str] = (),
+    new: Sequence[str] = (),
+    what: str = "model",
+) -> list[str]:
+    """Load `state` into `module` strictly, except for two explicit lists of key prefixes.
+
+    dropped: checkpoint keys the protocol discards (e.g. the class-attention blocks in finetuning).
+    new: module keys the protocol initialises itself (e.g. the classifier); loaded when the checkpoint has
+    them with the same shape, re-initialised (and logged) when the shape differs.
+    Anything else missing or unexpected, or of another shape, is a CheckpointError that lists the keys.
+    Returns the module keys that kept their fresh initialisation.
+    """
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state and not _starts(k, new)]
+    unexpected = [k for k in state if k not in expected and not _starts(k, dropped)]
+    wrong_shape = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape and not _starts(k, new)
+    ]
+    if missing or unexpected or wrong_shape:
+        problems = []
+        if missing:
+            problems.append(f"missing keys {missing}")
+        if unexpected:
+            problems.append(f"unexpected keys {unexpected}")
+        if wrong_shape:
+            problems.append(f"shape mismatches {wrong_shape}")
+        raise CheckpointError(
+            f"checkpoint does not fit the {what}: " + "; ".join(problems) + ". Check that model.arch, "
+            "model.patch_size, model.img_size and model.class_attention_layers match the pretraining run."
+        )
+    load = {}
+    for k, v in state.items():
+        if k not in expected:
+            continue
+        if v.shape != expected[k].shape:  # only `new` keys get here: e.g. a head for another class count
+            log.warning(
+                "%s: %s has shape %s in the file but %s here: re-initialised",
+                what,
+                k,
+                tuple(v.shape),
+                tuple(expected[k].shape),
+            )
+            continue
+        load[k] = v
+    fresh = sorted(set(expected) - set(load))
+    module.load_state_dict(load, strict=False)
+    if fresh:
+        log.info("%s: initialised by the protocol, not from the file: %s", what, fresh)
+    dropped_keys = sorted(k for k in state if k not in expected)
+    if dropped_keys:
+        log.info("%s: checkpoint keys the protocol does not use: %s", what, _summarise(dropped_keys))
+    return fresh
+
+
+def weights_digest(module: nn.Module) -> str:
+    """sha256 over every parameter and buffer (names, dtypes, shapes and bytes): equal digests = equal weights."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---- models ----------------------------------------------------------------------------------------------
+def build_encoder(model: ModelConfig, drop_path_rate: float | None = None) -> ExtremaViT:
+    """The configured encoder (random init), without a projector."""
+    return create_encoder(
+        model.arch,
+        img_size=model.img_size,
+        patch_size=model.patch_size,
+        drop_path_rate=model.drop_path_rate if drop_path_rate is None else drop_path_rate,
+        layer_scale_init=model.layer_scale_init,
+        class_attention_layers=model.class_attention_layers,
+    )
+
+
+class FrozenFeatures(nn.Module):
+    """A frozen encoder in eval mode whose output is the probe feature: the un-normed [cls], (B, D) float32.
+
+    `train()` cannot switch the encoder out of eval mode (dropout / drop-path stay off, whatever the caller
+    does), and no parameter requires a gradient.
+    """
+
+    def __init__(self, encoder: ExtremaViT) -> None:
+        super().__init__()
+        self.encoder = encoder.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> FrozenFeatures:
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder.forward_features(images).float()
+
+    @torch.no_grad()
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        """The normed embedding from a probe feature (the encoder's final LayerNorm): (B, D) -> (B, D)."""
+        norm = self.encoder.norm
+        return nn.functional.layer_norm(
+            features, norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps
+        )
+
+
+class FinetuneViT(nn.Module):
+    """The BEiT-style finetune model: the encoder's patch embedding, positions and self-attention blocks,
+    no [cls] and no class-attention blocks; mean-pooled patch tokens -> fc_norm -> Linear head.
+
+    Parameter names equal the encoder's (`patch_embed.*`, `blocks.*`) so pretrained weights load by name.
+    """
+
+    def __init__(self, encoder: ExtremaViT, num_classes: int, head_init_scale: float = 0.001) -> None:
+        super().__init__()
+        self.embed_dim = encoder.embed_dim
+        self.num_classes = num_classes
+        self.patch_embed = encoder.patch_embed
+        self.register_buffer("pos_embed", encoder.pos_embed.clone(), persistent=True)
+        self.pos_drop = encoder.pos_drop
+        self.blocks = encoder.blocks
+        self.fc_norm = LayerNorm6(self.embed_dim)
+        self.head = new_classifier(self.embed_dim, num_classes, head_init_scale)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names without weight decay besides 1-D tensors (timm's layer-decay groups read this)."""
+        return {"pos_embed"}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer ids for timm's layer-wise lr decay: stem 0, block i -> i + 1, fc_norm and head last.
+
+        fc_norm is its own final group so that the head lands one past the last block, as BEiT counts
+        (depth + 2 layers: the last block gets decay ** 1, the head decay ** 0).
+        """
+        return {"stem": r"^pos_embed|patch_embed", "blocks": [(r"^blocks\.(\d+)", None), (r"^fc_norm", (99999,))]}
+
+    def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch tokens after the self-attention blocks: (B, N, D)."""
+        x = self.pos_drop(self.patch_embed(images) + self.pos_embed.to(images.dtype))  # (B, N, D)
+        for blk in self.blocks:
+            x = blk(x)
+        return x
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """fc_norm of the mean patch token: (B, D)."""
+        return self.fc_norm(self.forward_tokens(images).mean(dim=1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Class logits: (B, num_classes)."""
+        return self.head(self.forward_features(images))
+
+
+def new_classifier(dim: int, num_classes: int, init_scale: float) -> nn.Linear:
+    """A classifier as BEiT initialises it: trunc-normal(0.02) weight, zero bias, both times `init_scale`."""
+    head = nn.Linear(dim, num_classes)
+    trunc_normal_(head.weight, std=0.02)
+    nn.init.zeros_(head.bias)
+    with torch.no_grad():
+        head.weight.mul_(init_scale)
+    return head
+
+
+# The finetune protocol discards these pretrained keys and initialises these module keys itself.
+FINETUNE_DROPPED_KEYS = ("cls_token", "blocks_token.", "norm.")
+FINETUNE_NEW_KEYS = ("fc_norm.", "head.")
+
+
+# ---- data checks and accuracy ----------------------------------------------------------------------------
+def check_same_classes(train_classes: Sequence[str], val_classes: Sequence[str]) -> None:
+    """Raise a ValueError naming the difference when train and val do not hold the same class folders."""
+    if list(train_classes) == list(val_classes):
+        return
+    only_train = sorted(set(train_classes) - set(val_classes))
+    only_val = sorted(set(val_classes) - set(train_classes))
+    raise ValueError(
+        "train/ and val/ must hold the same class folders (labels are the sorted folder names): "
+        f"only in train/: {_summarise(only_train)}; only in val/: {_summarise(only_val)}. "
+        "Add or remove class folders so both splits list the same classes."
+    )
+
+
+def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, int]:
+    """How many rows have their target among the k highest logits, per k (k capped at the class count)."""
+    num_classes = logits.shape[-1]
+    kmax = min(max(ks), num_classes)
+    top = logits.topk(kmax, dim=-1).indices  # (B, kmax)
+    hit = top == targets[:, None]
+    return {k: int(hit[:, : min(k, num_classes)].any(dim=1).sum()) for k in ks}
+
+
+def _starts(key: str, prefixes: Sequence[str]) -> bool:
+    return any(key == p.rstrip(".") or key.startswith(p) for p in prefixes)
+
+
+def _summarise(items: Sequence[str], limit: int = 20) -> str:
+    items = list(items)
+    shown = ", ".join(items[:limit])
+    return f"[{shown}{', ...' if len(items) > limit else ''}] ({len(items)})"
+
+
+def _maybe_int(value) -> int | None:
+    return None if value is None else int(value)
