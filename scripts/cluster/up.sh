@@ -39,6 +39,14 @@ spawn() {
     setsid "$@" </dev/null >>"$(log_file "$daemon")" 2>&1 || fail "$daemon" "'$*' exited with $?"
 }
 
+# Something already listens on the port: another cluster (e.g. a second checkout) or another server.
+require_free_port() {
+    local daemon="$1" port="$2"
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        die "cannot start $daemon: port $port on 127.0.0.1 is taken; pick other ports with CLUSTER_PORT_BASE=<n>"
+    fi
+}
+
 munge_works() { munge -n -S "$MUNGE_SOCKET" | unmunge -S "$MUNGE_SOCKET"; }
 mysql_root() { mariadb --no-defaults -S "$MYSQL_SOCKET" -u "$ME" "$@"; }
 mysql_up() { mariadb-admin --no-defaults -S "$MYSQL_SOCKET" -u "$ME" ping; }
@@ -54,6 +62,22 @@ nodes_ready() {
         grep -Eq "^$node (idle|mix|alloc|comp)$" <<<"$states" || return 1
     done
 }
+
+# Check every port before starting anything, so that a clash leaves nothing half-started.
+daemon_port() {
+    case "$1" in
+        mariadbd) echo "$MYSQL_PORT" ;;
+        slurmdbd) echo "$SLURMDBD_PORT" ;;
+        slurmctld) echo "$SLURMCTLD_PORT" ;;
+        slurmd-*) node_port "${1#slurmd-}" ;;
+    esac
+}
+for daemon in "${DAEMONS[@]}"; do
+    port="$(daemon_port "$daemon")"
+    if [[ -n "$port" ]] && ! daemon_running "$daemon"; then
+        require_free_port "$daemon" "$port"
+    fi
+done
 
 # --- munged: authentication between every SLURM program; our own socket and key ---
 if ! daemon_running munged; then
