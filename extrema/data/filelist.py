@@ -13,6 +13,7 @@ objects would copy every page of them into each worker (refcount writes), numpy 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -211,5 +212,6 @@ def _write_cache(cache_file: Path, root: Path, files: FileList) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, cache_file)  # atomic: ranks scanning at once never see half a file
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         logger.warning("could not write the file-list cache %s (%s); the next run will scan again", cache_file, err)
