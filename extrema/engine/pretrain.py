@@ -1,0 +1,328 @@
+"""The ExtreMA pretraining trainer: small, stateful, exactly resumable.
+
+`fit()` loops `train_step()` over a resumable sampler; `state_dict()` holds everything a resume needs
+(model, optimizer, scaler, counters, sampler position, every RNG stream of every rank).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from extrema.checkpoint import FORMAT, CheckpointError, CheckpointManager, export_backbone, read_checkpoint
+from extrema.checkpoint import model_state as checkpoint_model_state
+from extrema.config import PretrainConfig
+from extrema.distributed import any_rank, dist_info, is_distributed, resolve_device
+from extrema.engine.base import CHECKPOINT_DIR, FINAL_METRICS, FitResult, StopRequested
+from extrema.engine.logbook import Logbook, read_metrics_log
+from extrema.engine.pretrain_data import PretrainData
+from extrema.engine.summary import write_json
+from extrema.masking import sample_masks
+from extrema.models.siamese import ExtremaModel, create_model
+from extrema.optim import build_adamw, set_lr_and_wd
+from extrema.precision import autocast, make_scaler
+from extrema.rng import capture_rng_state, restore_rng_state, seed_everything
+from extrema.schedules import cosine, ema_momentum, scaled_lr, warmup_cosine
+
+log = logging.getLogger(__name__)
+
+
+def model_args(cfg: PretrainConfig) -> dict:
+    """Keyword arguments of `create_model` for this config (stored in checkpoints)."""
+    m = cfg.model
+    return {
+        "arch": m.arch,
+        "img_size": m.img_size,
+        "patch_size": m.patch_size,
+        "drop_path_rate": m.drop_path_rate,
+        "layer_scale_init": m.layer_scale_init,
+        "class_attention_layers": m.class_attention_layers,
+        "proj_dim": m.proj_dim,
+        "mlp_dim": m.mlp_dim,
+        "loss": cfg.loss,
+        "temperature": cfg.temperature,
+    }
+
+
+class PretrainTrainer:
+    """ExtreMA pretraining on one process, or on every rank of a process group (DDP)."""
+
+    def __init__(self, cfg: PretrainConfig, run_dir: str | Path, data: PretrainData | None = None) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.dist = dist_info()
+        self.device = resolve_device(cfg.run.device, self.dist.local_rank)
+        if cfg.run.threads and self.device.type == "cpu":
+            torch.set_num_threads(cfg.run.threads)
+        if cfg.optim.batch_size % self.dist.world_size:
+            raise ValueError(
+                f"optim.batch_size={cfg.optim.batch_size} is not divisible by the {self.dist.world_size} ranks"
+            )
+        self.batch_per_rank = cfg.optim.batch_size // self.dist.world_size
+
+        seed_everything(cfg.run.seed)  # identical initial weights on every rank
+        self.model: ExtremaModel = create_model(**model_args(cfg)).to(self.device)
+        seed_everything(cfg.run.seed + self.dist.rank)  # then per-rank streams (drop-path, ...)
+        self.mask_generator = torch.Generator(self.device).manual_seed(cfg.run.seed * 7919 + self.dist.rank)
+
+        self.data = data or PretrainData(cfg, self.dist, self.batch_per_rank, self.device, self.run_dir)
+        self.steps_per_epoch = self.data.steps_per_epoch
+        schedule_steps = cfg.optim.epochs * self.steps_per_epoch
+        self.total_steps = min(schedule_steps, cfg.run.max_steps) if cfg.run.max_steps else schedule_steps
+        self.peak_lr = scaled_lr(cfg.optim.base_lr, cfg.optim.batch_size)
+
+        self.optimizer = build_adamw(
+            self.model,
+            lr=self.peak_lr,
+            weight_decay=cfg.optim.weight_decay,
+            betas=(cfg.optim.beta1, cfg.optim.beta2),
+            eps=cfg.optim.eps,
+            skip=self.model.base_encoder.no_weight_decay(),
+        )
+        self.scaler = make_scaler(cfg.run.precision, self.device)
+        self.net = self._wrap(self.model)
+        self.step = 0  # optimizer steps done
+        self.ckpts = CheckpointManager(self.run_dir / CHECKPOINT_DIR, keep_last=cfg.run.keep_last)
+        self.logbook = Logbook(self.run_dir, self.dist.is_main, self.total_steps, "pretrain")
+        self.wall_time = 0.0  # seconds of training, summed over every attempt
+
+    def _wrap(self, model: ExtremaModel) -> torch.nn.Module:
+        net: torch.nn.Module = model
+        if self.cfg.compile:
+            model.base_encoder = torch.compile(model.base_encoder)
+        if is_distributed():
+            # Only student parameters need gradients; the constant position table needs no broadcast.
+            net = DistributedDataParallel(model, broadcast_buffers=False)
+        return net
+
+    # ---- schedules -------------------------------------------------------------------------------
+    @property
+    def epoch_float(self) -> float:
+        return self.step / self.steps_per_epoch
+
+    def schedule(self, step: int) -> dict:
+        """lr, weight decay and EMA momentum at a step (EMA: for the update that follows this step)."""
+        o = self.cfg.optim
+        epoch = step / self.steps_per_epoch
+        return {
+            "lr": warmup_cosine(epoch, o.epochs, o.warmup_epochs, self.peak_lr, o.min_lr),
+            "weight_decay": cosine(epoch, o.epochs, o.weight_decay, o.weight_decay_end),
+            # The reference updates the teacher before step t+1's forward with m(t+1); doing it right
+            # after step t with the same m is identical.
+            "momentum": ema_momentum((step + 1) / self.steps_per_epoch, o.epochs, self.cfg.momentum),
+        }
+
+    # ---- one step ---------------------------------------------------------------------------------
+    def train_step(
+        self, student_view: torch.Tensor, teacher_view: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> dict:
+        """One optimizer step + EMA update on a batch of views (B, 3, H, W). Returns scalar metrics.
+
+        keep: (M, B, k) kept-token indices; drawn from the trainer's mask generator when not given.
+        """
+        sched = self.schedule(self.step)
+        set_lr_and_wd(self.optimizer, sched["lr"], sched["weight_decay"])
+        if keep is None:
+            keep = self._draw_masks(student_view.shape[0])
+        self.net.train()
+        with autocast(self.cfg.run.precision, self.device):
+            out = self.net(student_view, teacher_view, keep)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(out["loss"]).backward()
+        grad_norm = None
+        if self.cfg.optim.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.student_parameters(), self.cfg.optim.clip_grad)
+        elif (self.step + 1) % self.cfg.run.log_every_steps == 0:
+            self.scaler.unscale_(self.optimizer)  # only on logged steps: keeps the norm off the hot path
+            grad_norm = torch.linalg.vector_norm(
+                torch.stack(torch._foreach_norm([p.grad for p in self.model.student_parameters() if p.grad is not None]))
+            )
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.model.update_teacher(sched["momentum"])
+        self.step += 1
+        metrics = {"loss": out["loss"].detach(), **sched}
+        if grad_norm is not None:
+            metrics["grad_norm"] = grad_norm.detach()
+        # Collapse check: spread of the normalised teacher embeddings across images (0 = collapsed).
+        emb = torch.nn.functional.normalize(out["teacher_embedding"].detach().float(), dim=-1)
+        metrics["teacher_std"] = emb.std(dim=0).mean()
+        return metrics
+
+    def _draw_masks(self, batch: int) -> torch.Tensor:
+        m = self.cfg.mask
+        return sample_masks(batch, self.model.base_encoder.num_tokens, m.ratio, m.num_masks, self.mask_generator, m.disjoint)
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    def fit(self, stop_requested: StopRequested | None = None) -> FitResult:
+        """Train to the end of the schedule, saving every N steps; save and return early on a stop request."""
+        stop_requested = stop_requested or (lambda: False)
+        self.logbook.start(self.step)
+        self._clock = time.perf_counter()
+        window = _ThroughputWindow(self.step)
+        try:
+            while self.step < self.total_steps:
+                for student_view, teacher_view in window.timed(self.data.iterate(self.step)):
+                    metrics = self.train_step(student_view, teacher_view)
+                    if self.step % self.cfg.run.log_every_steps == 0 or self.step == self.total_steps:
+                        record = {k: float(v) for k, v in metrics.items()}
+                        record.update(epoch=round(self.epoch_float, 4), bad_images=self.data.bad_images())
+                        record.update(window.read(self.step, self.cfg.optim.batch_size))
+                        self.logbook.write(self.step, record)
+                    else:
+                        self.logbook.advance(self.step)
+                    if self.step % self.cfg.run.save_every_steps == 0 or self.step == self.total_steps:
+                        self.save_checkpoint()
+                    if self.step >= self.total_steps:
+                        break
+                    # Polled after each step (the loader counts a batch as used once handed out), and
+                    # agreed on by all ranks so that they save the same step together.
+                    if any_rank(stop_requested(), self.device):
+                        path = self.save_checkpoint()
+                        log.warning("stop requested: saved %s at step %d", path, self.step)
+                        return FitResult("stopped", self.step)
+        finally:
+            self.logbook.close()
+        return FitResult("finished", self.step, self._finish())
+
+    def _bank_time(self) -> None:
+        # Banked into the checkpointed total at every save, so the wall time of all attempts adds up.
+        now = time.perf_counter()
+        self.wall_time += now - getattr(self, "_clock", now)
+        self._clock = now
+
+    def _finish(self) -> dict:
+        """Export the backbones and write the run's summary (main rank)."""
+        summary = {
+            "task": "pretrain",
+            "steps": self.step,
+            "epochs": self.epoch_float,
+            "wall_time_s": self.wall_time,
+            "world_size": self.dist.world_size,
+            "device": self.device.type,
+        }
+        if self.dist.is_main:
+            final = self.ckpts.latest_path()
+            if final is not None:
+                ckpt = read_checkpoint(final)
+                for branch in ("teacher", "student"):
+                    export_backbone(ckpt, self.run_dir / f"backbone_{branch}.pt", branch)
+                summary["checkpoint"] = str(final)
+            logged = [r for r in read_metrics_log(self.run_dir) if "loss" in r]
+            if logged:
+                summary["final_loss"] = logged[-1]["loss"]
+            write_json(self.run_dir / FINAL_METRICS, summary)
+        return summary
+
+    # ---- state -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything an exact resume needs (call on every rank: RNG states are gathered to all)."""
+        rng = {"global": capture_rng_state(), "mask": self.mask_generator.get_state(), "data": self.data.state_dict()}
+        if is_distributed():
+            per_rank: list = [None] * self.dist.world_size
+            dist.all_gather_object(per_rank, rng)
+        else:
+            per_rank = [rng]
+        return {
+            "format": FORMAT,
+            "kind": "pretrain",
+            "arch": self.cfg.model.arch,
+            "model_args": model_args(self.cfg),
+            "config": dataclasses.asdict(self.cfg),
+            "step": self.step,
+            "epoch": int(self.epoch_float),
+            "world_size": self.dist.world_size,
+            "wall_time_s": self.wall_time,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng_per_rank": per_rank,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a `state_dict()` (same world size for an exact resume; other sizes resume approximately)."""
+        self._load_weights(state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.wall_time = float(state.get("wall_time_s", 0.0))
+        per_rank = state.get("rng_per_rank") or []
+        if len(per_rank) == self.dist.world_size:
+            rng = per_rank[self.dist.rank]
+            restore_rng_state(rng["global"])
+            self.mask_generator.set_state(rng["mask"])
+            self.data.load_state_dict(rng["data"])
+        else:
+            log.warning(
+                "checkpoint was written by %d ranks, this job has %d: weights and optimizer resume exactly, "
+                "random streams are re-seeded",
+                len(per_rank),
+                self.dist.world_size,
+            )
+
+    def _load_weights(self, state: dict) -> None:
+        weights = checkpoint_model_state(state)
+        result = self.model.load_state_dict(weights, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise CheckpointError(
+                f"checkpoint does not fit {self.cfg.model.arch}: missing {result.missing_keys[:8]}, "
+                f"unexpected {result.unexpected_keys[:8]} (was it written for another architecture?)"
+            )
+
+    def save_checkpoint(self) -> Path:
+        """Write the full state as the checkpoint of the current step (all ranks call; rank 0 writes)."""
+        self._bank_time()
+        state = self.state_dict()
+        path = self.ckpts.path_for(self.step)
+        if self.dist.is_main:
+            path = self.ckpts.save(state, self.step)
+        if is_distributed():
+            dist.barrier()  # nobody runs ahead of a checkpoint that is not on disk yet
+        return path
+
+    def resume(self) -> bool:
+        """Continue from the run's newest good checkpoint; else start from `init_from` if set."""
+        found = self.ckpts.load_latest()
+        if found is not None:
+            state, path = found
+            self.load_state_dict(state)
+            log.info("resumed from %s at step %d", path, self.step)
+            return True
+        if self.cfg.init_from:
+            ckpt = read_checkpoint(self.cfg.init_from)
+            self._load_weights(ckpt)
+            log.info("initialised weights from %s (a new schedule starts at step 0)", self.cfg.init_from)
+        return False
+
+
+class _ThroughputWindow:
+    """img/s and data-wait time per step since the last logged step."""
+
+    def __init__(self, step: int) -> None:
+        self.start, self.step, self.data_time = time.perf_counter(), step, 0.0
+
+    def timed(self, batches):
+        it = iter(batches)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.data_time += time.perf_counter() - t0
+            yield batch
+
+    def read(self, step: int, global_batch: int) -> dict:
+        now = time.perf_counter()
+        steps = max(step - self.step, 1)
+        out = {"img_per_s": steps * global_batch / max(now - self.start, 1e-9), "data_time": self.data_time / steps}
+        self.start, self.step, self.data_time = now, step, 0.0
+        return out

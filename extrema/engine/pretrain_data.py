@@ -1,0 +1,56 @@
+"""The pretraining input: train split, the configured views, a resumable loader, views on the device."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from extrema.config import PretrainConfig
+from extrema.data import (
+    ImageFolderDataset,
+    ResumableDistributedSampler,
+    build_loader,
+    make_pretrain_transform,
+    split_root,
+    to_views,
+)
+from extrema.distributed import DistInfo
+
+log = logging.getLogger(__name__)
+
+
+class PretrainData:
+    """Batches of (student view, teacher view) on the training device, resumable mid-epoch."""
+
+    def __init__(
+        self, cfg: PretrainConfig, dist: DistInfo, batch_per_rank: int, device: torch.device, run_dir: Path
+    ) -> None:
+        transform = make_pretrain_transform(cfg.augmentation, cfg.model.img_size, cfg.color_on_device)
+        self.dataset = ImageFolderDataset(split_root(cfg.data.root, "train"), transform, cfg.data.cache_dir)
+        sampler = ResumableDistributedSampler(
+            len(self.dataset), dist.world_size, dist.rank, shuffle=True, seed=cfg.run.seed
+        )
+        self.loader = build_loader(self.dataset, batch_per_rank, sampler, cfg.data.num_workers, cfg.run.seed)
+        self.device = device
+        self.steps_per_epoch = self.loader.steps_per_epoch
+        log.info("pretraining on %d images, %d steps per epoch", len(self.dataset), self.steps_per_epoch)
+
+    def iterate(self, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The rest of the epoch that `step` falls in, as device views (colour-augmented there if configured)."""
+        self.loader.set_epoch(step // self.steps_per_epoch)
+        for batch in self.loader:
+            yield to_views(batch["image"], self.device)
+
+    def bad_images(self) -> int:
+        """Unreadable files this rank met so far (each replaced by the next readable one)."""
+        return self.loader.skipped_total
+
+    def state_dict(self) -> dict:
+        """Epoch and position of this rank's sampler (per rank, like the RNG states)."""
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
