@@ -12,7 +12,8 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOCAL_SLURM_CONF = REPO_ROOT / ".cluster" / "etc" / "slurm.conf"
+CLUSTER_UP = REPO_ROOT / "scripts" / "cluster" / "up.sh"
 
 # States after which a job never runs again (unless requeued by hand).
 TERMINAL_STATES = frozenset(
@@ -162,6 +164,31 @@ class SlurmCluster:
         """Accounting rows of a job, one per run (``sacct -D`` keeps requeued runs), allocation only."""
         proc = self.run("sacct", "-n", "-X", "-D", "-P", "-j", str(job_id), "-o", ",".join(fields))
         return [dict(zip(fields, line.split("|"), strict=True)) for line in proc.stdout.splitlines() if line]
+
+
+@contextmanager
+def preempt_user_signal(cluster: SlurmCluster, enabled: bool) -> Iterator[None]:
+    """Within the block, preemption sends the job's own ``--signal`` (``enabled``) or SIGTERM (not).
+
+    Rewrites the local cluster's slurm.conf through ``scripts/cluster/up.sh`` (PREEMPT_USER_SIGNAL)
+    and restores the previous setting afterwards. Only for the local test cluster.
+    """
+    if cluster.conf.resolve() != LOCAL_SLURM_CONF.resolve():
+        raise SlurmError(f"preempt_user_signal changes only the local cluster ({LOCAL_SLURM_CONF}), not {cluster.conf}")
+    config = cluster.run("scontrol", "show", "config").stdout
+    was_enabled = "preempt_send_user_signal" in config
+
+    def apply(flag: bool) -> None:
+        env = {**cluster.env, "PREEMPT_USER_SIGNAL": "1" if flag else "0"}
+        proc = subprocess.run([str(CLUSTER_UP)], env=env, capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise SlurmError(f"{CLUSTER_UP} failed ({proc.returncode}): {proc.stderr.strip()}")
+
+    apply(enabled)
+    try:
+        yield
+    finally:
+        apply(was_enabled)
 
 
 def wait_for_file(path: Path, timeout: float = 60, poll: float = 0.2, min_lines: int = 1) -> list[str]:

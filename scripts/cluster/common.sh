@@ -7,6 +7,12 @@
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 CLUSTER_DIR="${CLUSTER_DIR:-$REPO_ROOT/.cluster}"
 CLUSTER_NAME="${CLUSTER_NAME:-extrema}"
+SETTINGS_FILE="$CLUSTER_DIR/etc/settings.env"
+# A cluster keeps the ports it was first set up with, unless CLUSTER_PORT_BASE is given again.
+if [[ -z "${CLUSTER_PORT_BASE:-}" && -f "$SETTINGS_FILE" ]]; then
+    # shellcheck source=/dev/null
+    source "$SETTINGS_FILE"
+fi
 CLUSTER_PORT_BASE="${CLUSTER_PORT_BASE:-17000}"
 # Seconds a preempted low-priority job keeps running after SIGTERM before it is killed and requeued.
 CLUSTER_GRACE_TIME="${CLUSTER_GRACE_TIME:-10}"

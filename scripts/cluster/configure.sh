@@ -12,6 +12,8 @@ for node in "${NODE_NAMES[@]}"; do
 done
 chmod 755 "$CLUSTER_DIR" "$ETC_DIR" "$RUN_DIR" "$LOG_DIR" "$STATE_DIR"
 
+echo "CLUSTER_PORT_BASE=$CLUSTER_PORT_BASE" >"$SETTINGS_FILE"
+
 if [[ ! -s "$MUNGE_KEY" ]]; then
     # munged wants a private key of at least 32 bytes, owned by the user it runs as.
     (umask 077 && head -c 1024 /dev/urandom >"$MUNGE_KEY")
