@@ -14,7 +14,8 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from extrema.checkpoint import CheckpointError, backbone_state, is_reference_format, read_checkpoint
-from extrema.config.common import ModelConfig
+from extrema.config.common import ModelConfig, RunConfig
+from extrema.distributed import DistInfo, dist_info, resolve_device
 from extrema.models.encoder import ExtremaViT, LayerNorm6
 from extrema.models.registry import create_encoder
 
@@ -129,6 +130,24 @@ def load_protocol_weights(
     return fresh
 
 
+def load_probe_backbone(encoder: ExtremaViT, checkpoint: str | None, branch: str) -> WeightsSource:
+    """Load the weights a probe evaluates into `encoder`, strictly (the probes replace nothing in it).
+
+    None means a random init (the baseline of a pretraining comparison), which is logged.
+    """
+    if checkpoint is None:
+        log.warning("no checkpoint given: probing a randomly initialised encoder (a baseline)")
+        return WeightsSource(None, None, "random")
+    state, source = read_eval_weights(checkpoint, branch)
+    if source.format == FINETUNE_KIND:
+        raise CheckpointError(
+            f"{checkpoint} is a finetuned model: it has no [cls] or class-attention blocks, which the probe's "
+            "feature needs; probe the pretraining checkpoint (or its backbone export) instead"
+        )
+    load_protocol_weights(encoder, state, what="probe encoder")
+    return source
+
+
 def weights_digest(module: nn.Module) -> str:
     """sha256 over every parameter and buffer (names, dtypes, shapes and bytes): equal digests = equal weights."""
     h = hashlib.sha256()
@@ -137,6 +156,15 @@ def weights_digest(module: nn.Module) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def setup_runtime(run: RunConfig) -> tuple[DistInfo, torch.device]:
+    """This process's rank info and device; CPU thread count when set."""
+    info = dist_info()
+    device = resolve_device(run.device, info.local_rank)
+    if run.threads and device.type == "cpu":
+        torch.set_num_threads(run.threads)
+    return info, device
 
 
 # ---- models ----------------------------------------------------------------------------------------------
@@ -204,12 +232,9 @@ class FinetuneViT(nn.Module):
         return {"pos_embed"}
 
     def group_matcher(self, coarse: bool = False) -> dict:
-        """Layer ids for timm's layer-wise lr decay: stem 0, block i -> i + 1, fc_norm and head last.
-
-        fc_norm is its own final group so that the head lands one past the last block, as BEiT counts
-        (depth + 2 layers: the last block gets decay ** 1, the head decay ** 0).
-        """
-        return {"stem": r"^pos_embed|patch_embed", "blocks": [(r"^blocks\.(\d+)", None), (r"^fc_norm", (99999,))]}
+        """Layer ids for timm's layer-wise lr decay: stem 0, block i -> i + 1, and (unmatched, so last) fc_norm
+        with the head at depth + 1, as BEiT counts: the head gets decay ** 0, the last block decay ** 1."""
+        return {"stem": r"^pos_embed|patch_embed", "blocks": r"^blocks\.(\d+)"}
 
     def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Patch tokens after the self-attention blocks: (B, N, D)."""

@@ -1,0 +1,74 @@
+"""Data plumbing the evaluation trainers share: both splits with a class check, a resumable training loader,
+and validation sharded over ranks without padding (so that every image counts exactly once)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Subset
+
+from extrema.config.common import DataConfig
+from extrema.data import ImageFolderDataset, ResumableDistributedSampler, ResumableLoader, build_loader, split_root
+from extrema.distributed import DistInfo, is_distributed
+from extrema.engine.eval_common import check_same_classes
+
+
+@dataclass
+class EvalSplits:
+    """The train and val datasets of one evaluation, with their (equal) class lists."""
+
+    train: ImageFolderDataset
+    val: ImageFolderDataset
+
+    @property
+    def classes(self) -> list[str]:
+        return self.train.classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.train.classes)
+
+
+def open_splits(data: DataConfig, train_transform: Callable | None, val_transform: Callable | None) -> EvalSplits:
+    """data.root/train and data.root/val as datasets; a ValueError naming the difference if their classes differ."""
+    train = ImageFolderDataset(split_root(data.root, "train"), train_transform, data.cache_dir)
+    val = ImageFolderDataset(split_root(data.root, "val"), val_transform, data.cache_dir)
+    check_same_classes(train.classes, val.classes)
+    return EvalSplits(train, val)
+
+
+def per_rank_batch(global_batch: int, info: DistInfo, name: str = "batch_size") -> int:
+    """global batch / world size, refusing a batch that does not split evenly."""
+    if global_batch % info.world_size:
+        raise ValueError(f"{name}={global_batch} is not divisible by the {info.world_size} ranks; choose a multiple")
+    return global_batch // info.world_size
+
+
+def train_loader(
+    dataset: ImageFolderDataset, batch_per_rank: int, info: DistInfo, data: DataConfig, seed: int
+) -> ResumableLoader:
+    """Shuffled, drop-last, per-sample-seeded loader whose position is part of the checkpoint."""
+    sampler = ResumableDistributedSampler(len(dataset), info.world_size, info.rank, shuffle=True, seed=seed)
+    return build_loader(dataset, batch_per_rank, sampler, data.num_workers, seed, drop_last=True)
+
+
+def val_batches(
+    dataset: ImageFolderDataset, batch_size: int, info: DistInfo, num_workers: int
+) -> Iterator[tuple[Any, torch.Tensor]]:
+    """This rank's share of val (every world_size-th image from its rank), in order, as (images, labels)."""
+    shard = Subset(dataset, range(info.rank, len(dataset), info.world_size))
+    yield from DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+def sum_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Add per-rank counts over all ranks (identity in one process). float64: exact for any count."""
+    if not is_distributed():
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist(), strict=True))
