@@ -1,0 +1,364 @@
+"""The fast probe: features extracted once, then a grid of linear heads and a kNN classifier on the cache.
+
+Beyond the reference protocol, and much cheaper: the frozen encoder runs once per image (center crop, no
+augmentation) instead of once per image per epoch, and one pass over the cached features trains every head
+of a grid (lrs x with/without the BN) at once. The head is chosen on a split held out from train (val is
+never used for choosing); val accuracy is reported for the chosen head and for the whole grid. kNN
+(k=20, cosine similarity, exp(sim / T) votes, as DINO) runs on the same cache.
+
+Stages, each resumable: extract train -> extract val (memory-mapped files in run_dir/features, flushed
+every `run.save_every_steps` batches) -> train the heads (step checkpoints) -> choose, evaluate, kNN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from extrema.checkpoint import FORMAT, CheckpointError, CheckpointManager
+from extrema.config.evaluation import FastProbeConfig
+from extrema.data import make_eval_transform
+from extrema.distributed import any_rank, is_distributed
+from extrema.engine.base import CHECKPOINT_DIR, FINAL_METRICS, FitResult, StopRequested
+from extrema.engine.eval_common import (
+    FrozenFeatures,
+    build_encoder,
+    load_probe_backbone,
+    setup_runtime,
+    topk_correct,
+    weights_digest,
+)
+from extrema.engine.eval_data import open_splits, sum_over_ranks
+from extrema.engine.feature_cache import FeatureCache
+from extrema.engine.head_grid import GridSGD, HeadGrid, grid_loss, grid_specs, grid_topk_correct
+from extrema.engine.knn import knn_scores
+from extrema.engine.logbook import Logbook
+from extrema.engine.metrics_record import dataset_info, write_eval_metrics
+from extrema.precision import autocast
+from extrema.rng import seed_everything
+from extrema.schedules import scaled_lr, warmup_cosine
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = "fast_probe"
+FEATURE_DIR = "features"
+
+
+def holdout_split(num_rows: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit rows, held-out rows) of the train set: a seeded random split, each sorted."""
+    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed))
+    n_hold = max(1, round(num_rows * fraction))
+    if n_hold >= num_rows:
+        raise ValueError(f"holdout_fraction={fraction} leaves no training rows out of {num_rows}")
+    return order[n_hold:].sort().values, order[:n_hold].sort().values
+
+
+def epoch_order(num_rows: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled row order of one epoch: a function of (seed, epoch) only, so resuming needs no RNG state."""
+    return torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+class FastProbeTrainer:
+    """Feature cache + head grid + kNN; follows the Trainer protocol of `extrema.engine.base`."""
+
+    def __init__(self, cfg: FastProbeConfig, run_dir: str | Path) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.dist, self.device = setup_runtime(cfg.run)
+
+        seed_everything(cfg.run.seed)
+        encoder = build_encoder(cfg.model, drop_path_rate=0.0)
+        self.weights = load_probe_backbone(encoder, cfg.checkpoint, cfg.branch)
+        self.features = FrozenFeatures(encoder).to(self.device)
+        self.backbone_digest = weights_digest(self.features)
+        # Both splits are read with the deterministic val transform: one feature per image, reusable every epoch.
+        view = make_eval_transform("val", cfg.model.img_size)
+        self.splits = open_splits(cfg.data, view, view)
+        self.dim, self.num_classes = encoder.embed_dim, self.splits.num_classes
+        self.caches = {
+            split: FeatureCache(self.run_dir / FEATURE_DIR, split, self._fingerprint(split), self.dist)
+            for split in ("train", "val")
+        }
+
+        self.specs = grid_specs(cfg.lrs, cfg.batchnorm)
+        self.grid = HeadGrid(self.dim, self.num_classes, self.specs, torch.Generator().manual_seed(cfg.run.seed))
+        self.grid.to(self.device)
+        self.optimizer = GridSGD(self.grid, cfg.momentum)
+        self.peak_lrs = torch.tensor([scaled_lr(s.base_lr, cfg.batch_size) for s in self.specs], device=self.device)
+
+        self.fit_rows, self.holdout_rows = holdout_split(len(self.splits.train), cfg.holdout_fraction, cfg.run.seed)
+        self.steps_per_epoch = len(self.fit_rows) // cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"batch_size={cfg.batch_size} exceeds the {len(self.fit_rows)} training rows left after the "
+                f"holdout; lower batch_size"
+            )
+        schedule_steps = cfg.epochs * self.steps_per_epoch
+        self.total_steps = min(schedule_steps, cfg.run.max_steps) if cfg.run.max_steps else schedule_steps
+        self.step = 0
+        self.wall_time = 0.0
+        self.timing: dict[str, float] = {}
+        self.ckpts = CheckpointManager(self.run_dir / CHECKPOINT_DIR, keep_last=cfg.run.keep_last)
+        self.logbook = Logbook(self.run_dir, self.dist.is_main, self.total_steps, PROTOCOL)
+
+    def _fingerprint(self, split: str) -> dict:
+        dataset = getattr(self.splits, split)
+        classes = hashlib.sha256("\n".join(dataset.classes).encode()).hexdigest()
+        return {
+            "backbone_sha256": self.backbone_digest,
+            "num_rows": len(dataset),
+            "dim": self.dim,
+            "dtype": self.cfg.feature_dtype,
+            "img_size": self.cfg.model.img_size,
+            "precision": self.cfg.run.precision,
+            "classes_sha256": classes,
+            "root": str(dataset.root),
+        }
+
+    # ---- stage 1: features ----------------------------------------------------------------------------------
+    def _extract(self, images: torch.Tensor) -> torch.Tensor:
+        with autocast(self.cfg.run.precision, self.device):
+            return self.features(images)
+
+    def extract_features(self, stop_requested: StopRequested) -> bool:
+        """Fill the train and val caches (continuing a partial one); False if stopped on request."""
+        for split, cache in self.caches.items():
+            if cache.is_complete():
+                continue
+            start = time.perf_counter()
+            done = cache.extract(
+                getattr(self.splits, split),
+                self._extract,
+                self.device,
+                self.cfg.extract_batch_size,
+                self.cfg.data.num_workers,
+                stop_requested,
+                flush_every=self.cfg.run.save_every_steps,
+            )
+            self.timing[f"extract_{split}_s"] = self.timing.get(f"extract_{split}_s", 0.0) + time.perf_counter() - start
+            if not done:
+                return False
+        return True
+
+    # ---- stage 2: the head grid ----------------------------------------------------------------------------
+    def lr_factor(self, step: int) -> float:
+        """Warm-up + cosine multiplier of every head's peak lr at `step`."""
+        c = self.cfg
+        return warmup_cosine(step / self.steps_per_epoch, c.epochs, c.warmup_epochs, 1.0, 0.0)
+
+    def head_step(self, features: torch.Tensor, labels: torch.Tensor) -> dict:
+        """One SGD step of every head on the same batch: features (B, D), labels (B,)."""
+        factor = self.lr_factor(self.step)
+        self.grid.train()
+        loss = grid_loss(self.grid(features.float()), labels)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step(self.peak_lrs * factor)
+        self.step += 1
+        return {"loss": loss.detach() / len(self.specs), "lr_factor": factor}
+
+    def train_heads(self, train_x: torch.Tensor, train_y: torch.Tensor, stop_requested: StopRequested) -> bool:
+        """Train the grid to the end of the schedule on the fit rows; False if stopped on request (saved)."""
+        start = time.perf_counter()
+        batch = self.cfg.batch_size
+        fit_rows = self.fit_rows.to(self.device)
+        while self.step < self.total_steps:
+            if any_rank(stop_requested(), self.device):
+                path = self.save_checkpoint()
+                log.warning("stop requested: saved %s at step %d", path, self.step)
+                return False
+            epoch, position = divmod(self.step, self.steps_per_epoch)
+            order = epoch_order(len(fit_rows), self.cfg.run.seed, epoch)[position * batch : (position + 1) * batch]
+            rows = fit_rows[order.to(self.device)]
+            metrics = self.head_step(train_x[rows], train_y[rows])
+            if self.step % self.cfg.run.log_every_steps == 0 or self.step == self.total_steps:
+                record = {k: float(v) for k, v in metrics.items()}
+                self.logbook.write(self.step, {**record, "epoch": self.step / self.steps_per_epoch})
+            else:
+                self.logbook.advance(self.step)
+            if self.step % self.cfg.run.save_every_steps == 0 or self.step == self.total_steps:
+                self.save_checkpoint()
+        self.timing["heads_s"] = self.timing.get("heads_s", 0.0) + time.perf_counter() - start
+        return True
+
+    # ---- stage 3: choose, evaluate, kNN --------------------------------------------------------------------
+    def evaluate_grid(self, train_x, train_y, val_x, val_y) -> dict:
+        """Choose the head with the best held-out top-1; val top-1/top-5 of every head and of the chosen one."""
+        rows = self.holdout_rows.to(self.device)
+        chunk = max(self.cfg.batch_size, 1024)
+        holdout = grid_topk_correct(self.grid, train_x[rows], train_y[rows], chunk, ks=(1,))[1]
+        val = grid_topk_correct(self.grid, val_x, val_y, chunk)
+        n_hold, n_val = len(rows), len(val_y)
+        grid = [
+            {
+                "name": spec.name,
+                "base_lr": spec.base_lr,
+                "peak_lr": scaled_lr(spec.base_lr, self.cfg.batch_size),
+                "batchnorm": spec.batchnorm,
+                "holdout_top1": 100.0 * int(holdout[i]) / n_hold,
+                "val_top1": 100.0 * int(val[1][i]) / n_val,
+                "val_top5": 100.0 * int(val[5][i]) / n_val,
+            }
+            for i, spec in enumerate(self.specs)
+        ]
+        best = max(range(len(grid)), key=lambda i: (grid[i]["holdout_top1"], -i))  # ties: first in grid order
+        return {"chosen": grid[best], "grid": grid, "holdout_size": n_hold, "fit_size": len(self.fit_rows)}
+
+    @torch.no_grad()
+    def evaluate_knn(self, train_x, train_y, val_x, val_y) -> dict:
+        """kNN top-1/top-5 on val; each rank classifies its share of val against the whole train bank."""
+        start = time.perf_counter()
+        bank, queries = train_x, val_x
+        if self.cfg.knn_feature == "embedding":
+            bank, queries = self.features.embed(train_x.float()), self.features.embed(val_x.float())
+        mine = torch.arange(self.dist.rank, len(val_y), self.dist.world_size, device=self.device)
+        scores = knn_scores(bank, train_y, queries[mine], self.num_classes, self.cfg.knn_k, self.cfg.knn_temperature)
+        hits = topk_correct(scores, val_y[mine])
+        counts = sum_over_ranks({"top1": hits[1], "top5": hits[5], "n": len(mine)}, self.device)
+        self.timing["knn_s"] = time.perf_counter() - start
+        return {
+            "k": self.cfg.knn_k,
+            "temperature": self.cfg.knn_temperature,
+            "feature": self.cfg.knn_feature,
+            "top1": 100.0 * counts["top1"] / counts["n"],
+            "top5": 100.0 * counts["top5"] / counts["n"],
+        }
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+    def fit(self, stop_requested: StopRequested | None = None) -> FitResult:
+        """Extract (or reuse) features, train the grid, choose and evaluate, run kNN, write metrics.json."""
+        stop_requested = stop_requested or (lambda: False)
+        done = self._finished_metrics()
+        if done is not None:
+            log.info("fast probe already finished at step %d", self.step)
+            return FitResult("finished", self.step, done)
+        self._clock = time.perf_counter()
+        self.logbook.start(self.step)
+        try:
+            if not self.extract_features(stop_requested):
+                return FitResult("stopped", self.step)
+            train_x, train_y = (t.to(self.device) for t in self.caches["train"].load())
+            val_x, val_y = (t.to(self.device) for t in self.caches["val"].load())
+            if not self.train_heads(train_x, train_y, stop_requested):
+                return FitResult("stopped", self.step)
+        finally:
+            self.logbook.close()
+        results = self.evaluate_grid(train_x, train_y, val_x, val_y)
+        results["top1"], results["top5"] = results["chosen"]["val_top1"], results["chosen"]["val_top5"]
+        if self.cfg.knn:
+            results["knn"] = self.evaluate_knn(train_x, train_y, val_x, val_y)
+        results["step"] = self.step
+        results["timing"] = dict(self.timing)
+        return FitResult("finished", self.step, self._write_metrics(results))
+
+    def _write_metrics(self, results: dict) -> dict:
+        self._bank_time()
+        chosen = results["chosen"]
+        log.info(
+            "fast probe: chosen %s (held-out top-1 %.2f%%): val top-1 %.2f%%",
+            chosen["name"],
+            chosen["holdout_top1"],
+            chosen["val_top1"],
+        )
+        if "knn" in results:
+            log.info("kNN (k=%d): val top-1 %.2f%%", self.cfg.knn_k, results["knn"]["top1"])
+        if not self.dist.is_main:
+            return {"results": results}
+        derived = {
+            "num_heads": len(self.specs),
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "world_size": self.dist.world_size,
+            "train_view": "resize + center crop (features extracted once, no augmentation)",
+            "feature": "un-normed [cls] after the class-attention blocks",
+        }
+        return write_eval_metrics(
+            self.run_dir,
+            protocol=PROTOCOL,
+            config=self.cfg,
+            derived=derived,
+            results=results,
+            dataset=dataset_info(
+                self.cfg.data.name,
+                self.cfg.data.root,
+                len(self.splits.train),
+                len(self.splits.val),
+                self.splits.classes,
+            ),
+            weights=self.weights.as_dict(),
+            wall_time_s=self.wall_time,
+            device=self.device,
+            world_size=self.dist.world_size,
+        )
+
+    def _finished_metrics(self) -> dict | None:
+        path = self.run_dir / FINAL_METRICS
+        if self.step < self.total_steps or not path.is_file():
+            return None
+        record = json.loads(path.read_text())
+        return record if record.get("results", {}).get("step") == self.step else None
+
+    def _bank_time(self) -> None:
+        now = time.perf_counter()
+        self.wall_time += now - getattr(self, "_clock", now)
+        self._clock = now
+
+    # ---- state -----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The grid, its momentum buffers and the step (batches are a function of seed and step)."""
+        return {
+            "format": FORMAT,
+            "kind": PROTOCOL,
+            "config": dataclasses.asdict(self.cfg),
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "wall_time_s": self.wall_time,
+            "timing": dict(self.timing),
+            "weights": self.weights.as_dict(),
+            "backbone_sha256": self.backbone_digest,
+            "specs": [dataclasses.asdict(s) for s in self.specs],
+            "grid": self.grid.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a `state_dict()` taken with the same backbone and grid."""
+        if state.get("backbone_sha256") != self.backbone_digest:
+            raise CheckpointError(
+                "this fast-probe run started on other backbone weights; use a new run folder for new weights"
+            )
+        if state.get("specs") != [dataclasses.asdict(s) for s in self.specs]:
+            raise CheckpointError("this fast-probe run trained another grid (lrs / batchnorm); use a new run folder")
+        self.grid.load_state_dict(state["grid"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.wall_time = float(state.get("wall_time_s", 0.0))
+        self.timing = dict(state.get("timing", {}))
+
+    def save_checkpoint(self) -> Path:
+        """Write the grid state (all ranks call; rank 0 writes; every rank holds the same grid)."""
+        self._bank_time()
+        path = self.ckpts.path_for(self.step)
+        if self.dist.is_main:
+            path = self.ckpts.save(self.state_dict(), self.step)
+        if is_distributed():
+            dist.barrier()
+        return path
+
+    def resume(self) -> bool:
+        """Continue the head training from the newest good checkpoint (the feature cache resumes by itself)."""
+        found = self.ckpts.load_latest()
+        if found is None:
+            return False
+        state, path = found
+        self.load_state_dict(state)
+        log.info("resumed the fast probe from %s at step %d", path, self.step)
+        return True

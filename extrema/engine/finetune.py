@@ -1,0 +1,397 @@
+"""The BEiT-style finetune, built from timm parts, exactly resumable.
+
+Model: the encoder without [cls] and class-attention blocks; mean-pooled patch tokens -> fc_norm -> Linear
+(head scaled by 0.001 after init); drop-path 0.2. Optimiser: timm's AdamW with layer-wise lr decay 0.65
+(`create_optimizer_v2(..., layer_decay=)`, layers from `FinetuneViT.group_matcher`), lr scaled by global
+batch / 256, timm's per-step warm-up + cosine to 1e-6. Data: timm's `create_transform` (RandAugment
+rand-m9-mstd0.5-inc1, random erasing 0.25, bicubic), timm's Mixup 0.8 / CutMix 1.0 with label smoothing
+0.1 and SoftTargetCrossEntropy; evaluation without any of these, sharded over ranks. Optional timm
+ModelEmaV3, evaluated alongside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from timm.data import Mixup, create_transform
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from extrema.checkpoint import FORMAT, CheckpointManager
+from extrema.config.evaluation import FinetuneConfig
+from extrema.data import IMAGENET_MEAN, IMAGENET_STD
+from extrema.distributed import any_rank, is_distributed
+from extrema.engine.base import CHECKPOINT_DIR, FINAL_METRICS, FitResult, StopRequested
+from extrema.engine.eval_common import (
+    FINETUNE_DROPPED_KEYS,
+    FINETUNE_KIND,
+    FINETUNE_NEW_KEYS,
+    FinetuneViT,
+    WeightsSource,
+    build_encoder,
+    load_protocol_weights,
+    read_eval_weights,
+    setup_runtime,
+    topk_correct,
+)
+from extrema.engine.eval_data import open_splits, per_rank_batch, sum_over_ranks, train_loader, val_batches
+from extrema.engine.logbook import Logbook
+from extrema.engine.metrics_record import dataset_info, write_eval_metrics
+from extrema.precision import autocast, make_scaler
+from extrema.rng import capture_rng_state, restore_rng_state, seed_everything
+from extrema.schedules import scaled_lr
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = FINETUNE_KIND
+
+
+def finetune_transforms(cfg: FinetuneConfig) -> tuple:
+    """timm's train transform (crop, flip, RandAugment, erasing) and eval transform (resize, center crop)."""
+    common = {"input_size": cfg.model.img_size, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    train = create_transform(
+        is_training=True,
+        color_jitter=cfg.color_jitter,
+        auto_augment=cfg.auto_augment,
+        interpolation=cfg.interpolation,
+        re_prob=cfg.reprob,
+        re_mode=cfg.remode,
+        re_count=cfg.recount,
+        **common,
+    )
+    val = create_transform(is_training=False, interpolation="bicubic", crop_pct=cfg.crop_pct, **common)
+    return train, val
+
+
+def build_mixup(cfg: FinetuneConfig, num_classes: int) -> Mixup | None:
+    """timm's Mixup/CutMix (it also smooths the labels), or None when mixing is off."""
+    if not cfg.mixing:
+        return None
+    return Mixup(
+        mixup_alpha=cfg.mixup,
+        cutmix_alpha=cfg.cutmix,
+        prob=cfg.mixup_prob,
+        switch_prob=cfg.mixup_switch_prob,
+        mode=cfg.mixup_mode,
+        label_smoothing=cfg.smoothing,
+        num_classes=num_classes,
+    )
+
+
+def build_criterion(cfg: FinetuneConfig) -> nn.Module:
+    """Soft-target CE with mixing (Mixup already smoothed the targets), else label-smoothing CE, else CE."""
+    if cfg.mixing:
+        return SoftTargetCrossEntropy()
+    if cfg.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
+    return nn.CrossEntropyLoss()
+
+
+def load_finetune_weights(model: FinetuneViT, checkpoint: str | None, branch: str) -> WeightsSource:
+    """Pretrained (or previously finetuned) weights into `model`, strict except the protocol's own keys:
+    [cls], class-attention blocks and the final norm are dropped; fc_norm and head are new (a head for another
+    number of classes is rebuilt, and logged)."""
+    if checkpoint is None:
+        log.warning("no checkpoint given: finetuning from a random init (a baseline)")
+        return WeightsSource(None, None, "random")
+    state, source = read_eval_weights(checkpoint, branch)
+    load_protocol_weights(model, state, dropped=FINETUNE_DROPPED_KEYS, new=FINETUNE_NEW_KEYS, what="finetune model")
+    return source
+
+
+class FinetuneTrainer:
+    """End-to-end finetuning; follows the Trainer protocol of `extrema.engine.base`."""
+
+    def __init__(self, cfg: FinetuneConfig, run_dir: str | Path) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.dist, self.device = setup_runtime(cfg.run)
+        self.batch_per_rank = per_rank_batch(cfg.batch_size, self.dist)
+        if cfg.mixing and self.batch_per_rank % 2:
+            raise ValueError(
+                f"Mixup/CutMix pair images within a batch: batch per rank {self.batch_per_rank} must be even"
+            )
+
+        train_tf, val_tf = finetune_transforms(cfg)
+        self.splits = open_splits(cfg.data, train_tf, val_tf)
+        seed_everything(cfg.run.seed)  # identical initial weights on every rank
+        self.model = FinetuneViT(build_encoder(cfg.model), self.splits.num_classes, cfg.head_init_scale)
+        self.weights = load_finetune_weights(self.model, cfg.checkpoint, cfg.branch)
+        self.model.to(self.device)
+        seed_everything(cfg.run.seed + self.dist.rank)  # then per-rank streams: drop-path, Mixup's NumPy draws
+        self.ema = ModelEmaV3(self.model, decay=cfg.model_ema_decay) if cfg.model_ema else None
+        self.net: nn.Module = DistributedDataParallel(self.model) if is_distributed() else self.model
+
+        self.peak_lr = scaled_lr(cfg.base_lr, cfg.batch_size)
+        self.optimizer = create_optimizer_v2(
+            self.model,
+            opt="adamw",
+            lr=self.peak_lr,
+            weight_decay=cfg.weight_decay,
+            layer_decay=cfg.layer_decay,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
+        )
+        self.scaler = make_scaler(cfg.run.precision, self.device)
+        self.mixup = build_mixup(cfg, self.splits.num_classes)
+        self.criterion = build_criterion(cfg)
+
+        self.loader = train_loader(self.splits.train, self.batch_per_rank, self.dist, cfg.data, cfg.run.seed)
+        self.steps_per_epoch = self.loader.steps_per_epoch
+        schedule_steps = cfg.epochs * self.steps_per_epoch
+        self.total_steps = min(schedule_steps, cfg.run.max_steps) if cfg.run.max_steps else schedule_steps
+        warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
+        # Per-step schedule (t = optimizer step); timm applies each group's layer-decay lr_scale.
+        self.scheduler = CosineLRScheduler(
+            self.optimizer,
+            t_initial=max(schedule_steps - warmup_steps, 1),
+            lr_min=cfg.min_lr,
+            warmup_t=warmup_steps,
+            warmup_lr_init=0.0,
+            warmup_prefix=True,
+            t_in_epochs=False,
+        )
+        self.step = 0
+        self.wall_time = 0.0
+        self.best: dict = {}
+        self.ckpts = CheckpointManager(self.run_dir / CHECKPOINT_DIR, keep_last=cfg.run.keep_last)
+        self.logbook = Logbook(self.run_dir, self.dist.is_main, self.total_steps, PROTOCOL)
+
+    # ---- one step ---------------------------------------------------------------------------------------------
+    def mix(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training inputs and targets: Mixup/CutMix images with soft (B, C) targets, or the batch unchanged."""
+        if self.mixup is None:
+            return images, labels
+        return self.mixup(images, labels)
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        """One AdamW step on a batch (B, 3, H, W), labels (B,); then the EMA update."""
+        self.scheduler.step_update(self.step)
+        images = images.to(self.device, non_blocking=True)
+        images, targets = self.mix(images, labels.to(self.device, non_blocking=True))
+        self.net.train()
+        with autocast(self.cfg.run.precision, self.device):
+            logits = self.net(images)
+        loss = self.criterion(logits.float(), targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        metrics = {"loss": loss.detach(), "lr": max(g["lr"] for g in self.optimizer.param_groups)}
+        if self.cfg.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            metrics["grad_norm"] = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)
+        return metrics
+
+    # ---- evaluation ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module | None = None) -> dict:
+        """top-1 / top-5 (%) and CE loss on val, no augmentation or mixing; ranks score disjoint shares."""
+        model = model or self.model
+        model.eval()
+        counts = {"top1": 0.0, "top5": 0.0, "loss": 0.0, "n": 0.0}
+        for images, labels in val_batches(
+            self.splits.val, self.cfg.eval_batch_size, self.dist, self.cfg.data.num_workers
+        ):
+            images, labels = images.to(self.device), labels.to(self.device)
+            with autocast(self.cfg.run.precision, self.device):
+                logits = model(images).float()
+            hits = topk_correct(logits, labels)
+            counts["top1"] += hits[1]
+            counts["top5"] += hits[5]
+            counts["loss"] += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            counts["n"] += labels.shape[0]
+        counts = sum_over_ranks(counts, self.device)
+        n = counts["n"]
+        return {"top1": 100 * counts["top1"] / n, "top5": 100 * counts["top5"] / n, "loss": counts["loss"] / n}
+
+    # ---- the loop -------------------------------------------------------------------------------------------------
+    def fit(self, stop_requested: StopRequested | None = None) -> FitResult:
+        """Train to the end of the schedule (evaluating every `eval_every_epochs`), then write metrics.json."""
+        stop_requested = stop_requested or (lambda: False)
+        done = self._finished_metrics()
+        if done is not None:
+            log.info("finetune already finished at step %d: %s", self.step, done["results"])
+            return FitResult("finished", self.step, done)
+        self.logbook.start(self.step)
+        self._clock = time.perf_counter()
+        try:
+            while self.step < self.total_steps:
+                # Stop checks sit where no batch is in hand: the loader counts a batch once it is handed out.
+                if self._stop(stop_requested):
+                    return FitResult("stopped", self.step)
+                self.loader.set_epoch(self.step // self.steps_per_epoch)
+                for batch in self.loader:
+                    metrics = self.train_step(batch["image"], batch["label"])
+                    if self.step % self.cfg.run.log_every_steps == 0 or self.step == self.total_steps:
+                        record = {k: float(v) for k, v in metrics.items()}
+                        self.logbook.write(self.step, {**record, "epoch": self.step / self.steps_per_epoch})
+                    else:
+                        self.logbook.advance(self.step)
+                    self._maybe_evaluate()
+                    if self.step % self.cfg.run.save_every_steps == 0 or self.step == self.total_steps:
+                        self.save_checkpoint()
+                    if self.step >= self.total_steps:
+                        break
+                    if self._stop(stop_requested):
+                        return FitResult("stopped", self.step)
+        finally:
+            self.logbook.close()
+        return FitResult("finished", self.step, self._finish())
+
+    def _maybe_evaluate(self) -> None:
+        every = self.cfg.eval_every_epochs
+        epoch, within = divmod(self.step, self.steps_per_epoch)
+        if within or not every or epoch % every or self.step == self.total_steps:
+            return  # the final evaluation happens in _finish
+        self._record_eval(self.evaluate(), epoch)
+
+    def _record_eval(self, val: dict, epoch: int) -> None:
+        self.logbook.write(self.step, {f"val_{k}": v for k, v in val.items()})
+        if val["top1"] > self.best.get("top1", -1.0):
+            self.best = {"top1": val["top1"], "top5": val["top5"], "epoch": epoch, "step": self.step}
+
+    def _finish(self) -> dict:
+        results = self.evaluate()
+        self._record_eval(results, self.step // self.steps_per_epoch)
+        results["best_during_training"] = dict(self.best)  # chosen on val: reported, never the headline number
+        if self.ema is not None:
+            results["ema"] = self.evaluate(self.ema.module)
+        results["step"] = self.step
+        self._bank_time()
+        log.info("finetune: top-1 %.2f%%, top-5 %.2f%%", results["top1"], results["top5"])
+        if not self.dist.is_main:
+            return {"results": results}
+        derived = {
+            "peak_lr": self.peak_lr,
+            "batch_per_rank": self.batch_per_rank,
+            "world_size": self.dist.world_size,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "layer_lr_scales": sorted({round(g["lr_scale"], 8) for g in self.optimizer.param_groups}),
+            "loss": type(self.criterion).__name__,
+            "model": "patch tokens -> self-attention blocks -> mean pool -> fc_norm -> Linear (no [cls])",
+        }
+        return write_eval_metrics(
+            self.run_dir,
+            protocol=PROTOCOL,
+            config=self.cfg,
+            derived=derived,
+            results=results,
+            dataset=dataset_info(
+                self.cfg.data.name,
+                self.cfg.data.root,
+                len(self.splits.train),
+                len(self.splits.val),
+                self.splits.classes,
+            ),
+            weights=self.weights.as_dict(),
+            wall_time_s=self.wall_time,
+            device=self.device,
+            world_size=self.dist.world_size,
+        )
+
+    def _finished_metrics(self) -> dict | None:
+        path = self.run_dir / FINAL_METRICS
+        if self.step < self.total_steps or not path.is_file():
+            return None
+        record = json.loads(path.read_text())
+        return record if record.get("results", {}).get("step") == self.step else None
+
+    def _stop(self, stop_requested: StopRequested) -> bool:
+        """At a step boundary: if any rank was asked to stop, all save together; True then."""
+        if not any_rank(stop_requested(), self.device):
+            return False
+        path = self.save_checkpoint()
+        log.warning("stop requested: saved %s at step %d", path, self.step)
+        return True
+
+    def _bank_time(self) -> None:
+        now = time.perf_counter()
+        self.wall_time += now - getattr(self, "_clock", now)
+        self._clock = now
+
+    # ---- state ------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Model (loadable as a finetune init), EMA, optimizer, scaler, loader position, every rank's RNGs."""
+        rng = capture_rng_state()
+        per_rank = [rng]
+        if is_distributed():
+            per_rank = [None] * self.dist.world_size
+            dist.all_gather_object(per_rank, rng)
+        return {
+            "format": FORMAT,
+            "kind": PROTOCOL,
+            "arch": self.cfg.model.arch,
+            "config": dataclasses.asdict(self.cfg),
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "world_size": self.dist.world_size,
+            "wall_time_s": self.wall_time,
+            "weights": self.weights.as_dict(),
+            "classes": list(self.splits.classes),
+            "model": self.model.state_dict(),
+            "model_ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "loader": self.loader.state_dict(),
+            "best": dict(self.best),
+            "rng_per_rank": per_rank,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a `state_dict()` of this run (strict: the same model and classes)."""
+        self.model.load_state_dict(state["model"], strict=True)
+        if self.ema is not None and state.get("model_ema") is not None:
+            self.ema.module.load_state_dict(state["model_ema"], strict=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.loader.load_state_dict(state["loader"])
+        self.step = int(state["step"])
+        self.wall_time = float(state.get("wall_time_s", 0.0))
+        self.best = dict(state.get("best", {}))
+        per_rank = state.get("rng_per_rank") or []
+        if len(per_rank) == self.dist.world_size:
+            restore_rng_state(per_rank[self.dist.rank])
+        else:
+            log.warning(
+                "checkpoint written by %d ranks, this job has %d: random streams are re-seeded",
+                len(per_rank),
+                self.dist.world_size,
+            )
+
+    def save_checkpoint(self) -> Path:
+        """Write the full state (all ranks call; rank 0 writes) and return its path."""
+        self._bank_time()
+        state = self.state_dict()
+        path = self.ckpts.path_for(self.step)
+        if self.dist.is_main:
+            path = self.ckpts.save(state, self.step)
+        if is_distributed():
+            dist.barrier()
+        return path
+
+    def resume(self) -> bool:
+        """Continue from the newest good checkpoint of the run folder; False when starting fresh."""
+        found = self.ckpts.load_latest()
+        if found is None:
+            return False
+        state, path = found
+        self.load_state_dict(state)
+        log.info("resumed the finetune from %s at step %d", path, self.step)
+        return True

@@ -1,0 +1,303 @@
+"""The reference linear probe, exactly resumable.
+
+Frozen encoder in eval mode (teacher by default); feature = un-normed [cls] output of the class-attention
+blocks; head BatchNorm1d(affine=False) -> Linear (N(0, 0.01) weight, zero bias); SGD momentum 0.9 without
+weight decay, lr 0.1 x batch / 256 with a per-step warm-up + cosine; RandomResizedCrop + flip for train,
+resize + center crop for val; top-1 / top-5. The encoder's weights are fingerprinted before and after
+training, and a difference is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from extrema.checkpoint import FORMAT, CheckpointError, CheckpointManager
+from extrema.config.evaluation import LinearProbeConfig
+from extrema.data import make_eval_transform
+from extrema.distributed import any_rank, is_distributed
+from extrema.engine.base import CHECKPOINT_DIR, FINAL_METRICS, FitResult, StopRequested
+from extrema.engine.eval_common import (
+    FrozenFeatures,
+    build_encoder,
+    load_probe_backbone,
+    setup_runtime,
+    topk_correct,
+    weights_digest,
+)
+from extrema.engine.eval_data import open_splits, per_rank_batch, sum_over_ranks, train_loader, val_batches
+from extrema.engine.head_grid import BN_EPS
+from extrema.engine.logbook import Logbook
+from extrema.engine.metrics_record import dataset_info, write_eval_metrics
+from extrema.precision import autocast
+from extrema.rng import capture_rng_state, restore_rng_state, seed_everything
+from extrema.schedules import scaled_lr, warmup_cosine
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = "linear_probe"
+
+
+def build_probe_head(dim: int, num_classes: int) -> nn.Sequential:
+    """BatchNorm1d(dim, affine=False) -> Linear(dim, classes) with weight ~ N(0, 0.01) and zero bias."""
+    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=BN_EPS), nn.Linear(dim, num_classes))
+    nn.init.normal_(head[1].weight, std=0.01)
+    nn.init.zeros_(head[1].bias)
+    return head
+
+
+class LinearProbeTrainer:
+    """Trains the probe head on frozen features; follows the Trainer protocol of `extrema.engine.base`."""
+
+    def __init__(self, cfg: LinearProbeConfig, run_dir: str | Path) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.dist, self.device = setup_runtime(cfg.run)
+        self.batch_per_rank = per_rank_batch(cfg.batch_size, self.dist)
+
+        seed_everything(cfg.run.seed)  # the same encoder init (baseline) and head init on every rank
+        encoder = build_encoder(cfg.model, drop_path_rate=0.0)
+        self.weights = load_probe_backbone(encoder, cfg.checkpoint, cfg.branch)
+        self.features = FrozenFeatures(encoder).to(self.device)
+        self.backbone_digest = weights_digest(self.features)
+
+        size = cfg.model.img_size
+        self.splits = open_splits(cfg.data, make_eval_transform("train", size), make_eval_transform("val", size))
+        self.head = build_probe_head(encoder.embed_dim, self.splits.num_classes).to(self.device)
+        self.net: nn.Module = DistributedDataParallel(self.head) if is_distributed() else self.head
+        self.peak_lr = scaled_lr(cfg.base_lr, cfg.batch_size)
+        self.optimizer = torch.optim.SGD(
+            self.head.parameters(), lr=self.peak_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+        self.loader = train_loader(self.splits.train, self.batch_per_rank, self.dist, cfg.data, cfg.run.seed)
+        self.steps_per_epoch = self.loader.steps_per_epoch
+        schedule_steps = cfg.epochs * self.steps_per_epoch
+        self.total_steps = min(schedule_steps, cfg.run.max_steps) if cfg.run.max_steps else schedule_steps
+        self.step = 0
+        self.wall_time = 0.0
+        self.ckpts = CheckpointManager(self.run_dir / CHECKPOINT_DIR, keep_last=cfg.run.keep_last)
+        self.logbook = Logbook(self.run_dir, self.dist.is_main, self.total_steps, PROTOCOL)
+
+    # ---- one step ---------------------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        """Per-step warm-up + cosine of the peak lr (the reference adjusts the lr every iteration)."""
+        c = self.cfg
+        return warmup_cosine(step / self.steps_per_epoch, c.epochs, c.warmup_epochs, self.peak_lr, c.min_lr)
+
+    def extract(self, images: torch.Tensor) -> torch.Tensor:
+        """Frozen features (B, D) float32 of a batch of images (B, 3, H, W)."""
+        with autocast(self.cfg.run.precision, self.device):
+            return self.features(images.to(self.device, non_blocking=True)).float()
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        """One SGD step of the head on a batch of images (B, 3, H, W) and labels (B,)."""
+        return self.head_step(self.extract(images), labels.to(self.device, non_blocking=True))
+
+    def head_step(self, features: torch.Tensor, labels: torch.Tensor) -> dict:
+        """One SGD step of the head on features (B, D) at the current step's lr."""
+        lr = self.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.net.train()
+        loss = nn.functional.cross_entropy(self.net(features), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        return {"loss": loss.detach(), "lr": lr}
+
+    # ---- evaluation -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """top-1 / top-5 (%) of the head on val; each rank scores its share, counts are summed."""
+        self.head.eval()
+        counts = {"top1": 0.0, "top5": 0.0, "n": 0.0}
+        for images, labels in val_batches(
+            self.splits.val, self.cfg.eval_batch_size, self.dist, self.cfg.data.num_workers
+        ):
+            hits = topk_correct(self.head(self.extract(images)), labels.to(self.device))
+            counts["top1"] += hits[1]
+            counts["top5"] += hits[5]
+            counts["n"] += labels.shape[0]
+        counts = sum_over_ranks(counts, self.device)
+        return {
+            "top1": 100.0 * counts["top1"] / counts["n"],
+            "top5": 100.0 * counts["top5"] / counts["n"],
+            "val_images": int(counts["n"]),
+        }
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+    def fit(self, stop_requested: StopRequested | None = None) -> FitResult:
+        """Train the head to the end of the schedule, then evaluate and write metrics.json."""
+        stop_requested = stop_requested or (lambda: False)
+        done = self._finished_metrics()
+        if done is not None:
+            log.info("linear probe already finished at step %d: %s", self.step, done["results"])
+            return FitResult("finished", self.step, done)
+        self.logbook.start(self.step)
+        self._clock = time.perf_counter()
+        every = self.cfg.eval_every_epochs
+        try:
+            while self.step < self.total_steps:
+                # Stop checks sit where no batch is in hand: the loader counts a batch once it is handed out.
+                if self._stop(stop_requested):
+                    return FitResult("stopped", self.step)
+                self.loader.set_epoch(self.step // self.steps_per_epoch)
+                for batch in self.loader:
+                    metrics = self.train_step(batch["image"], batch["label"])
+                    if self.step % self.cfg.run.log_every_steps == 0 or self.step == self.total_steps:
+                        record = {k: float(v) for k, v in metrics.items()}
+                        self.logbook.write(self.step, {**record, "epoch": self.step / self.steps_per_epoch})
+                    else:
+                        self.logbook.advance(self.step)
+                    at_epoch_end = self.step % self.steps_per_epoch == 0
+                    if every and at_epoch_end and (self.step // self.steps_per_epoch) % every == 0:
+                        self.logbook.write(self.step, {f"val_{k}": v for k, v in self.evaluate().items()})
+                    if self.step % self.cfg.run.save_every_steps == 0 or self.step == self.total_steps:
+                        self.save_checkpoint()
+                    if self.step >= self.total_steps:
+                        break
+                    if self._stop(stop_requested):
+                        return FitResult("stopped", self.step)
+        finally:
+            self.logbook.close()
+        return FitResult("finished", self.step, self._finish())
+
+    def _finish(self) -> dict:
+        results = self.evaluate()
+        after = weights_digest(self.features)
+        if after != self.backbone_digest:
+            raise RuntimeError(
+                f"the frozen backbone changed during the linear probe (sha256 {self.backbone_digest[:12]} -> "
+                f"{after[:12]}): the probe is invalid"
+            )
+        self._bank_time()
+        results["backbone_sha256"] = after
+        results["backbone_unchanged"] = True
+        results["step"] = self.step
+        record = (
+            write_eval_metrics(
+                self.run_dir,
+                protocol=PROTOCOL,
+                config=self.cfg,
+                derived=self._derived(),
+                results=results,
+                dataset=dataset_info(
+                    self.cfg.data.name,
+                    self.cfg.data.root,
+                    len(self.splits.train),
+                    len(self.splits.val),
+                    self.splits.classes,
+                ),
+                weights=self.weights.as_dict(),
+                wall_time_s=self.wall_time,
+                device=self.device,
+                world_size=self.dist.world_size,
+            )
+            if self.dist.is_main
+            else {"results": results}
+        )
+        log.info("linear probe: top-1 %.2f%%, top-5 %.2f%%", results["top1"], results["top5"])
+        return record
+
+    def _derived(self) -> dict:
+        return {
+            "peak_lr": self.peak_lr,
+            "batch_per_rank": self.batch_per_rank,
+            "world_size": self.dist.world_size,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "feature": "un-normed [cls] after the class-attention blocks",
+            "head": f"BatchNorm1d(affine=False, eps={BN_EPS}) -> Linear",
+        }
+
+    def _finished_metrics(self) -> dict | None:
+        # A requeued or repeated run that already finished reports its results without redoing anything.
+        path = self.run_dir / FINAL_METRICS
+        if self.step < self.total_steps or not path.is_file():
+            return None
+        record = json.loads(path.read_text())
+        return record if record.get("results", {}).get("step") == self.step else None
+
+    def _stop(self, stop_requested: StopRequested) -> bool:
+        """At a step boundary: if any rank was asked to stop, all save together; True then."""
+        if not any_rank(stop_requested(), self.device):
+            return False
+        path = self.save_checkpoint()
+        log.warning("stop requested: saved %s at step %d", path, self.step)
+        return True
+
+    def _bank_time(self) -> None:
+        now = time.perf_counter()
+        self.wall_time += now - getattr(self, "_clock", now)
+        self._clock = now
+
+    # ---- state -----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Head, optimizer, step, loader position and RNG streams (the frozen backbone is only fingerprinted)."""
+        rng = capture_rng_state()
+        per_rank = [rng]
+        if is_distributed():
+            per_rank = [None] * self.dist.world_size
+            dist.all_gather_object(per_rank, rng)
+        return {
+            "format": FORMAT,
+            "kind": PROTOCOL,
+            "config": dataclasses.asdict(self.cfg),
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "world_size": self.dist.world_size,
+            "wall_time_s": self.wall_time,
+            "weights": self.weights.as_dict(),
+            "backbone_sha256": self.backbone_digest,
+            "head": self.head.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "loader": self.loader.state_dict(),
+            "rng_per_rank": per_rank,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a `state_dict()`; the backbone loaded from the config must be the one the run started with."""
+        if state.get("backbone_sha256") != self.backbone_digest:
+            raise CheckpointError(
+                f"this probe run started on other backbone weights (sha256 {str(state.get('backbone_sha256'))[:12]}, "
+                f"now {self.backbone_digest[:12]} from {self.cfg.checkpoint}); use a new run folder for new weights"
+            )
+        self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loader.load_state_dict(state["loader"])
+        self.step = int(state["step"])
+        self.wall_time = float(state.get("wall_time_s", 0.0))
+        per_rank = state.get("rng_per_rank") or []
+        if len(per_rank) == self.dist.world_size:
+            restore_rng_state(per_rank[self.dist.rank])
+
+    def save_checkpoint(self) -> Path:
+        """Write the full state (all ranks call; rank 0 writes) and return its path."""
+        self._bank_time()
+        state = self.state_dict()
+        path = self.ckpts.path_for(self.step)
+        if self.dist.is_main:
+            path = self.ckpts.save(state, self.step)
+        if is_distributed():
+            dist.barrier()
+        return path
+
+    def resume(self) -> bool:
+        """Continue from the newest good checkpoint of the run folder; False when starting fresh."""
+        found = self.ckpts.load_latest()
+        if found is None:
+            return False
+        state, path = found
+        self.load_state_dict(state)
+        log.info("resumed the linear probe from %s at step %d", path, self.step)
+        return True
