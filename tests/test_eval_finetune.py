@@ -1,0 +1,133 @@
+"""The BEiT-style finetune: layer-decay lrs, Mixup/CutMix only in training, exact resume, head rebuilding."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from timm.loss import SoftTargetCrossEntropy
+
+from extrema.checkpoint import read_checkpoint
+from extrema.engine.finetune import FinetuneTrainer
+from tests.eval_runs import NUM_CLASSES, finetune_config, write_dataset, write_pretrain_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("finetune_data")
+    return write_dataset(root / "images"), root / "filelists"
+
+
+def beit_layer_id(name: str, depth: int) -> int:
+    """BEiT's rule: embeddings 0, block i -> i + 1, everything after the blocks depth + 1."""
+    if name.startswith(("patch_embed", "pos_embed", "cls_token")):
+        return 0
+    match = re.match(r"blocks\.(\d+)\.", name)
+    return int(match.group(1)) + 1 if match else depth + 1
+
+
+def test_layer_decay_groups_carry_the_formula_lr(data, tmp_path):
+    cfg = finetune_config(*data, arch="vit_micro", epochs=10, warmup_epochs=2)
+    trainer = FinetuneTrainer(cfg, tmp_path / "run")
+    depth = len(trainer.model.blocks)
+    assert depth == 4
+    peak = 5e-4 * 8 / 256
+    spe = trainer.steps_per_epoch
+    warmup, total = 2 * spe, 10 * spe
+    group_of = {id(p): g for g in trainer.optimizer.param_groups for p in g["params"]}
+    for step in (3, warmup + 5, total - 1):
+        trainer.scheduler.step_update(step)
+        if step < warmup:
+            base = peak * step / warmup
+        else:
+            base = 1e-6 + 0.5 * (peak - 1e-6) * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+        for name, param in trainer.model.named_parameters():
+            group = group_of[id(param)]
+            expected = base * 0.65 ** (depth + 1 - beit_layer_id(name, depth))
+            assert group["lr"] == pytest.approx(expected, rel=1e-9), (name, step)
+            no_decay = param.ndim <= 1 or name.endswith(".bias")
+            assert group["weight_decay"] == (0.0 if no_decay else 0.05), name
+    assert {beit_layer_id(n, depth) for n, _ in trainer.model.named_parameters()} == set(range(depth + 2))
+    assert all(g["betas"] == (0.9, 0.999) for g in trainer.optimizer.param_groups)
+
+
+def test_mixup_cutmix_in_training_and_never_in_evaluation(data, tmp_path):
+    trainer = FinetuneTrainer(finetune_config(*data), tmp_path / "run")
+    assert isinstance(trainer.criterion, SoftTargetCrossEntropy)
+    seen: list[tuple[bool, torch.Tensor]] = []
+    trainer.model.register_forward_pre_hook(lambda module, args: seen.append((module.training, args[0].clone())))
+
+    batch = next(iter(trainer.loader))
+    original = batch["image"].clone()  # timm's Mixup mixes in place
+    trainer.train_step(batch["image"], batch["label"])
+    ((training, inputs),) = seen
+    assert training and inputs.shape == original.shape
+    assert not torch.equal(inputs, original)  # the model saw mixed images
+    _, targets = trainer.mix(original.clone(), batch["label"])
+    assert targets.shape == (8, NUM_CLASSES)
+    torch.testing.assert_close(targets.sum(1), torch.ones(8))
+    off = 0.1 / NUM_CLASSES  # timm's smoothed "off" value
+    assert targets.min() >= off - 1e-6 and targets.max() <= 1.0 - 0.1 + off + 1e-6  # smoothed, never one-hot
+    assert ((targets > off + 1e-6).sum(1) == 2).any()  # some rows mix two classes
+
+    seen.clear()
+    trainer.evaluate()
+    assert seen and not any(training for training, _ in seen)
+    val_images = torch.stack([trainer.splits.val[i][0] for i in range(len(trainer.splits.val))])
+    assert torch.equal(torch.cat([x for _, x in seen]), val_images)  # exactly the un-mixed val images
+
+
+def test_finetune_resume_is_exact_in_a_new_process(data, tmp_path):
+    data_root, cache = data
+    checkpoint = tmp_path / "pretrain.pt"
+    write_pretrain_checkpoint(checkpoint)
+    straight = FinetuneTrainer(finetune_config(data_root, cache, str(checkpoint)), tmp_path / "straight")
+    assert straight.fit().status == "finished" and straight.step == 16
+
+    # Stop at step 5 of epoch 0 (8 steps per epoch), finish in a fresh process across the epoch boundary.
+    first = FinetuneTrainer(finetune_config(data_root, cache, str(checkpoint)), tmp_path / "resumed")
+    assert first.fit(stop_requested=lambda: first.step >= 5).status == "stopped"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = ["finetune", str(data_root), str(tmp_path / "resumed"), str(checkpoint), str(cache)]
+    subprocess.run([sys.executable, "-m", "tests.eval_runs", *args], check=True, env=env, cwd=REPO, timeout=300)
+
+    a = read_checkpoint(tmp_path / "straight" / "checkpoints" / "ckpt_000000016.pt")
+    b = read_checkpoint(tmp_path / "resumed" / "checkpoints" / "ckpt_000000016.pt")
+    for part in ("model", "model_ema"):
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+    for pid, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][pid][name]), (pid, name)
+    assert a["loader"] == b["loader"] and a["best"] == b["best"]
+    results = [json.loads((tmp_path / r / "metrics.json").read_text())["results"] for r in ("straight", "resumed")]
+    assert results[0] == results[1]
+
+
+def test_head_for_another_class_count_is_rebuilt_and_logged(data, tmp_path, caplog):
+    data_root, cache = data
+    four = FinetuneTrainer(finetune_config(data_root, cache), tmp_path / "four")
+    saved = four.save_checkpoint()
+    three_root = write_dataset(tmp_path / "three", num_classes=3)
+
+    with caplog.at_level(logging.WARNING):
+        three = FinetuneTrainer(finetune_config(three_root, cache, str(saved)), tmp_path / "three_run")
+    assert three.model.head.out_features == 3
+    assert any("head.weight" in r.getMessage() and "re-initialised" in r.getMessage() for r in caplog.records)
+    file_state = read_checkpoint(saved)["model"]
+    loaded = three.model.state_dict()
+    for key in file_state:
+        if not key.startswith("head."):
+            assert torch.equal(loaded[key], file_state[key]), key  # everything else came from the file
+    assert three.weights.format == "finetune"
