@@ -1,0 +1,1 @@
+"""Programs a cluster node runs: the generic checkpointable job runner (`python -m jobs.run`)."""

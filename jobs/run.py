@@ -1,0 +1,61 @@
+"""`python -m jobs.run TASK CONFIG.yaml RUN_DIR [options]`: one attempt of a job on this rank.
+
+This is what every task of a SLURM job step (`srun python -m jobs.run ...`) executes. The signal
+handlers go in before torch is imported, so that a preemption during start-up is not lost.
+Exit status: 0 when the job finished, was requeued or was stopped on purpose; 1 when it failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from jobs.signals import StopFlag
+
+_FLAG = StopFlag().install()
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jobs.run", description=__doc__.splitlines()[0])
+    parser.add_argument("task", help="pretrain, linprobe, fastprobe or finetune")
+    parser.add_argument("config", help="YAML file of the task's typed config")
+    parser.add_argument("run_dir", help="the task's run folder (checkpoints, metrics)")
+    parser.add_argument("--experiment-dir", help="experiment folder whose manifest records the attempts")
+    parser.add_argument("--job-name", help="this job's name in the manifest (default: the task)")
+    parser.add_argument("--max-requeues", type=int, default=100, help="requeues of any cause before failing")
+    parser.add_argument("--max-timeouts", type=int, default=20, help="time-limit requeues before failing")
+    parser.add_argument("--signal-delay-s", type=int, default=90, help="seconds between USR2 and the time limit")
+    parser.add_argument("--step-pause-s", type=float, default=0.0, help="test knob: sleep at each step boundary")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    rank = os.environ.get("SLURM_PROCID", os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from jobs.runner import JobSpec, run_attempt
+
+    spec = JobSpec(
+        task=args.task,
+        config_path=args.config,
+        run_dir=args.run_dir,
+        experiment_dir=args.experiment_dir,
+        job_name=args.job_name,
+        max_requeues=args.max_requeues,
+        max_timeouts=args.max_timeouts,
+        signal_delay_s=args.signal_delay_s,
+        step_pause_s=args.step_pause_s,
+    )
+    outcome = run_attempt(spec, _FLAG)
+    logging.getLogger("jobs.run").info("attempt ended: %s (%s) at step %s", outcome.status, outcome.cause, outcome.step)
+    return 1 if outcome.status == "failed" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

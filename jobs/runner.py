@@ -1,0 +1,402 @@
+"""The generic checkpointable job: one attempt of any task, from start-up to finished, requeued or failed.
+
+Every attempt does the same, whatever the task and however it was started (sbatch + srun, submitit,
+in-process):
+
+1. install signal handlers that only set a flag (SIGTERM, SIGUSR2, SIGINT);
+2. join the process group (rendezvous from the job id, so it is the same after a requeue);
+3. build the trainer from the typed config and resume from the run folder's newest verified
+   checkpoint (nothing about progress lives in the submitted command or pickle);
+4. `fit(stop_requested)`: on a signal, all ranks save together at the next step boundary;
+5. ask SLURM why the job was stopped, and requeue it when it should come back, within the limits of
+   the requeue policy; a real exception marks the job FAILED and cancels the jobs that depend on it.
+
+Rank 0 records each attempt (start, cause, steps, start-up time) in the experiment manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from jobs import interruption as intr
+from jobs.dist_env import TaskPlace, detect_place, export_rendezvous
+from jobs.manifest import Manifest, now_iso
+from jobs.signals import StopFlag
+
+log = logging.getLogger(__name__)
+
+PROGRESS_FILE = ".progress.json"
+
+
+@dataclass
+class JobSpec:
+    """What a job runs; everything else (progress, checkpoints) is found in the run folder."""
+
+    task: str
+    """pretrain, linprobe, fastprobe or finetune."""
+    config_path: str
+    """YAML of the task's typed config."""
+    run_dir: str
+    """The task's run folder (checkpoints/, metrics.jsonl, metrics.json)."""
+    experiment_dir: str | None = None
+    """Folder of the experiment manifest to record attempts in; None = record nothing."""
+    job_name: str | None = None
+    """This job's key in the manifest (defaults to the task name)."""
+    max_requeues: int = 100
+    """Requeues of any cause before the job is failed (a guard against loops)."""
+    max_timeouts: int = 20
+    """Requeues at the time limit before the job is failed; preemptions do not count."""
+    signal_delay_s: int = 90
+    """How long before the time limit SLURM sends USR2 (`--signal=USR2@N`); used to recognise a timeout."""
+    step_pause_s: float = 0.0
+    """Sleep this long at every step boundary. Only for tests that must interrupt a toy model mid-run."""
+
+    @property
+    def name(self) -> str:
+        return self.job_name or self.task
+
+
+@dataclass
+class JobOutcome:
+    """How one attempt ended. status: finished, requeued, stopped (ended for good by a stop), failed."""
+
+    status: str
+    cause: str | None = None
+    step: int | None = None
+    metrics: dict = field(default_factory=dict)
+    detail: str = ""
+
+
+class CheckpointableJob:
+    """A submitit-compatible callable: `job()` runs one attempt; `checkpoint()` resubmits the same spec.
+
+    submitit calls `checkpoint()` only if its own USR2 handler is still installed, which is the case
+    before `__call__` starts; the new submission holds the same spec, so it resumes from the run folder.
+    """
+
+    def __init__(self, spec: JobSpec) -> None:
+        self.spec = spec
+
+    def __call__(self) -> JobOutcome:
+        return run_attempt(self.spec)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(CheckpointableJob(self.spec))
+
+
+class _StepWatch:
+    """The `stop_requested` callable: reads the stop flag, notes when the first step starts and how far
+    training got (so that the next attempt can tell how much work a kill lost)."""
+
+    def __init__(self, flag: StopFlag, trainer: Any, progress_path: Path | None, pause_s: float) -> None:
+        self.flag, self.trainer, self.progress_path, self.pause_s = flag, trainer, progress_path, pause_s
+        self.first_poll: float | None = None
+        self.last_step: int | None = None
+        self._last_write = 0.0
+
+    def __call__(self) -> bool:
+        now = time.time()
+        if self.first_poll is None:
+            self.first_poll = now
+        step = getattr(self.trainer, "step", None)
+        if step is not None and step != self.last_step:
+            self.last_step = step
+            # At most once a second: cheap on a shared file system, fine-grained enough for the record.
+            if self.progress_path is not None and now - self._last_write >= 1.0:
+                _write_progress(self.progress_path, step, getattr(self.trainer, "total_steps", None))
+                self._last_write = now
+        if self.pause_s and not self.flag():
+            time.sleep(self.pause_s)
+        return self.flag()
+
+
+def _write_progress(path: Path, step: int, total_steps: int | None) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"step": step, "total_steps": total_steps, "time": time.time()}))
+    os.replace(tmp, path)
+
+
+def _read_progress(path: Path) -> int | None:
+    try:
+        return int(json.loads(path.read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def run_attempt(spec: JobSpec, flag: StopFlag | None = None) -> JobOutcome:
+    """Run one attempt of `spec` on this rank. Raises on a real error (after recording it)."""
+    process_start = time.time()
+    own_flag = flag is None
+    flag = flag or StopFlag().install()
+    place = detect_place()
+    if place.world_size > 1 or place.scheduler != "single":
+        export_rendezvous(place)
+    run_dir = Path(spec.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(spec.experiment_dir) if spec.experiment_dir and place.is_main else None
+    on_slurm = place.scheduler == "slurm"
+    attempt = _Attempt(spec, place, manifest, on_slurm, process_start)
+    try:
+        attempt.begin()
+        refusal = attempt.loop_refusal()
+        if refusal:
+            raise RuntimeError(f"not running again: {refusal}")
+        outcome = attempt.train(flag)
+    except KeyboardInterrupt:
+        attempt.end(intr.INTERRUPTED, "KeyboardInterrupt before training started", "INTERRUPTED")
+        raise
+    except Exception as exc:
+        attempt.fail(exc)
+        raise
+    finally:
+        _close_process_group()
+        if own_flag:
+            flag.restore()
+    return outcome
+
+
+class _Attempt:
+    """Bookkeeping of one attempt (manifest records are written by rank 0 only)."""
+
+    def __init__(
+        self, spec: JobSpec, place: TaskPlace, manifest: Manifest | None, on_slurm: bool, process_start: float
+    ) -> None:
+        self.spec, self.place, self.manifest, self.on_slurm = spec, place, manifest, on_slurm
+        self.process_start = process_start
+        self.started_at = datetime.now().astimezone()
+        self.slurm_start: datetime | None = None
+        self.restarts_at_start: int | None = None
+        self.number: int | None = None
+        self.policy = intr.RequeuePolicy(spec.max_requeues, spec.max_timeouts)
+        self.progress_path = Path(spec.run_dir) / PROGRESS_FILE if place.is_main else None
+
+    # ---- manifest records ----------------------------------------------------------------------------
+    def begin(self) -> None:
+        record: dict[str, Any] = {
+            "job_id": self.place.job_id,
+            "scheduler": self.place.scheduler,
+            "start": self.started_at.isoformat(timespec="seconds"),
+            "world_size": self.place.world_size,
+            "host": os.uname().nodename,
+        }
+        if self.on_slurm and self.place.is_main:
+            from jobs.slurm_cli import show_job
+
+            info = show_job(self.place.job_id) or {}
+            self.restarts_at_start = int(info.get("Restarts", os.environ.get("SLURM_RESTART_COUNT", 0)) or 0)
+            self.slurm_start = intr._parse_time(info.get("StartTime"))
+            record.update(
+                restarts=self.restarts_at_start, nodes=info.get("NodeList"), slurm_start=info.get("StartTime")
+            )
+        if self.manifest is None:
+            return
+        self._close_previous_attempt()
+        self.number = self.manifest.start_attempt(self.spec.name, record)
+
+    def _close_previous_attempt(self) -> None:
+        """An attempt killed before it could write its end (GraceTime exceeded, node lost) gets its cause
+        from accounting, and the steps it reached from its progress file."""
+        assert self.manifest is not None
+        job = self.manifest.job(self.spec.name) or {}
+        attempts = job.get("attempts", [])
+        if not attempts or attempts[-1].get("end"):
+            return
+        last = attempts[-1]
+        cause, detail = "killed", "ended without a record (killed?)"
+        if self.on_slurm and last.get("job_id") == self.place.job_id:
+            cause, detail = self._accounting_cause(last) or (cause, detail)
+        reached = _read_progress(self.progress_path) if self.progress_path else None
+        self.manifest.update_attempt(
+            self.spec.name, last["n"], end="unknown", cause=cause, detail=detail, reached_step=reached
+        )
+
+    def _accounting_cause(self, last: dict) -> tuple[str, str] | None:
+        from jobs.slurm_cli import SlurmError, sacct_records
+
+        try:
+            rows = sacct_records([self.place.job_id])
+        except SlurmError as exc:
+            log.warning("cannot read accounting for the previous attempt: %s", exc)
+            return None
+        ended = [r for r in rows if r["State"].split()[0] not in ("RUNNING", "PENDING")]
+        match = [r for r in ended if r["Start"] == last.get("slurm_start")] or ended[-1:]
+        if not match:
+            return None
+        cause = intr.cause_from_accounting(match[-1]["State"])
+        return (cause, f"sacct State={match[-1]['State']}") if cause else None
+
+    def loop_refusal(self) -> str | None:
+        """Stop a job that SLURM keeps requeueing beyond the policy's limits."""
+        if self.manifest is None:
+            return None
+        return self.policy.refusal(self._previous_causes())
+
+    def end(self, cause: str, detail: str, state: str, **fields: Any) -> None:
+        if self.manifest is None or self.number is None:
+            return
+        self.manifest.update_attempt(self.spec.name, self.number, end=now_iso(), cause=cause, detail=detail, **fields)
+        self.manifest.update_job(self.spec.name, state=state, reason=None if state == "COMPLETED" else detail)
+
+    def fail(self, exc: BaseException) -> None:
+        """Record a real error (any rank may hold it) and cancel the jobs that depend on this one."""
+        detail = f"{type(exc).__name__}: {exc}"
+        log.error("job %s failed: %s\n%s", self.spec.name, detail, traceback.format_exc())
+        manifest = Manifest(self.spec.experiment_dir) if self.spec.experiment_dir else None
+        if manifest is None:
+            return
+        if self.number is not None:
+            manifest.update_attempt(self.spec.name, self.number, end=now_iso(), cause="error", detail=detail)
+        manifest.update_job(self.spec.name, state="FAILED", reason=detail)
+        cancel_dependents(manifest, self.spec.name, f"{self.spec.name} failed: {detail}")
+
+    # ---- the training ----------------------------------------------------------------------------------
+    def train(self, flag: StopFlag) -> JobOutcome:
+        from jobs.config_io import load_config
+        from jobs.tasks import get_task, resolve_inputs
+
+        task = get_task(self.spec.task)
+        cfg = resolve_inputs(task, load_config(task.config_cls, self.spec.config_path))
+        _join_process_group(cfg, self.place)
+        trainer = task.trainer_cls()(cfg, self.spec.run_dir)
+        trainer.resume()
+        resumed_step = getattr(trainer, "step", None)
+        if self.manifest is not None and self.number is not None:
+            self.manifest.update_attempt(self.spec.name, self.number, resumed_step=resumed_step)
+        watch = _StepWatch(flag, trainer, self.progress_path, self.spec.step_pause_s)
+        result = trainer.fit(watch)
+        timing = self._timing(watch)
+        steps = {"end_step": result.step, "reached_step": watch.last_step, **timing}
+        if result.status == "finished":
+            if self.progress_path is not None:
+                _write_progress(self.progress_path, result.step, getattr(trainer, "total_steps", None))
+            self.end("finished", "schedule done", "COMPLETED", **steps)
+            return JobOutcome("finished", "finished", result.step, result.metrics)
+        return self._after_stop(flag, result.step, steps)
+
+    def _timing(self, watch: _StepWatch) -> dict:
+        if watch.first_poll is None:
+            return {}
+        start = self.slurm_start.timestamp() if self.slurm_start else self.process_start
+        return {
+            "startup_s": round(watch.first_poll - start, 2),
+            "process_startup_s": round(watch.first_poll - self.process_start, 2),
+        }
+
+    def _after_stop(self, flag: StopFlag, step: int, steps: dict) -> JobOutcome:
+        """All ranks have saved. Rank 0 finds out why and brings the job back if it should come back."""
+        if not self.place.is_main:
+            return JobOutcome("stopped", None, step)
+        if not self.on_slurm:
+            detail = f"{flag.first_signal} outside SLURM: run the same command again to resume"
+            self.end(intr.INTERRUPTED, detail, "INTERRUPTED", signals=flag.names(), **steps)
+            return JobOutcome("stopped", intr.INTERRUPTED, step, detail=detail)
+        from jobs.slurm_cli import SlurmError, requeue, show_job
+
+        record = show_job(self.place.job_id)
+        found = intr.classify(flag.names(), record, self.started_at, self.spec.signal_delay_s)
+        cause, detail = found.cause, found.detail
+        restarts_now = int((record or {}).get("Restarts", 0) or 0)
+        if self.restarts_at_start is not None and restarts_now > self.restarts_at_start:
+            # The controller bumped the restart count before signalling: someone ran `scontrol requeue`.
+            cause, detail = intr.REQUEUED, f"{flag.first_signal}; Restarts {self.restarts_at_start} -> {restarts_now}"
+        elif cause == intr.REQUEUED:
+            # COMPLETING without a new restart is how a plain `scancel` looks while it kills the job.
+            cause, detail = intr.CANCELLED, f"{flag.first_signal}; JobState={(record or {}).get('JobState')}"
+        fields = {"signals": flag.names(), **steps}
+        log.warning("stopped at step %d: %s (%s)", step, cause, detail)
+        if cause in (intr.CANCELLED, intr.INTERRUPTED):
+            self.end(cause, detail, cause.upper(), **fields)
+            return JobOutcome("stopped", cause, step, detail=detail)
+        if cause == intr.REQUEUED:
+            self.end(cause, detail, "REQUEUED", **fields)
+            return JobOutcome("requeued", cause, step, detail=detail)
+        refusal = self.policy.refusal(self._previous_causes() + [cause])
+        if refusal:
+            self.end(cause, detail, "FAILED", **fields)
+            self._mark_failed(f"{cause}, but {refusal}")
+            return JobOutcome("failed", cause, step, detail=refusal)
+        # A preempted job that exits before GraceTime ends is recorded COMPLETED (and its dependents
+        # would start), so every cause that should come back is requeued here, by the job itself.
+        self.end(cause, detail, "REQUEUED", **fields)
+        try:
+            requeue(self.place.job_id)
+        except SlurmError as exc:
+            self._mark_failed(f"{cause}, but the requeue failed: {exc}")
+            return JobOutcome("failed", cause, step, detail=str(exc))
+        return JobOutcome("requeued", cause, step, detail=detail)
+
+    def _previous_causes(self) -> list[str]:
+        if self.manifest is None:
+            return []
+        # Attempts of this submission only: a job submitted again after a failure starts a fresh budget.
+        attempts = (self.manifest.job(self.spec.name) or {}).get("attempts", [])
+        return [a["cause"] for a in attempts[:-1] if a.get("cause") and a.get("job_id") == self.place.job_id]
+
+    def _mark_failed(self, reason: str) -> None:
+        log.error("job %s is not requeued: %s", self.spec.name, reason)
+        if self.manifest is not None:
+            self.manifest.update_job(self.spec.name, state="FAILED", reason=reason)
+            cancel_dependents(self.manifest, self.spec.name, f"{self.spec.name} failed: {reason}")
+
+
+def cancel_dependents(manifest: Manifest, name: str, reason: str) -> list[str]:
+    """Cancel every job that (transitively) depends on `name` and record why; returns their names.
+
+    SLURM would otherwise leave them pending forever (Reason=DependencyNeverSatisfied).
+    """
+    jobs = manifest.read().get("jobs", {})
+    doomed: list[str] = []
+    frontier = [name]
+    while frontier:
+        current = frontier.pop()
+        for other, entry in jobs.items():
+            if current in entry.get("depends_on", []) and other not in doomed:
+                doomed.append(other)
+                frontier.append(other)
+    to_cancel = [
+        jobs[d]["job_id"] for d in doomed if jobs[d].get("job_id") and jobs[d].get("state") not in ("COMPLETED",)
+    ]
+    if to_cancel and any(jobs[d].get("backend") == "slurm" for d in doomed):
+        from jobs.slurm_cli import cancel
+
+        cancel(to_cancel)
+    with manifest.edit() as data:
+        for d in doomed:
+            entry = data["jobs"][d]
+            if entry.get("state") != "COMPLETED":
+                entry.update(state="CANCELLED", reason=f"dependency {reason}")
+    if doomed:
+        log.warning("cancelled %s: %s", ", ".join(doomed), reason)
+    return doomed
+
+
+def _join_process_group(cfg: Any, place: TaskPlace) -> None:
+    if place.world_size <= 1:
+        return
+    from extrema.distributed import init_distributed, resolve_device
+
+    init_distributed(resolve_device(cfg.run.device, place.local_rank))
+
+
+def _close_process_group() -> None:
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def outcome_dict(outcome: JobOutcome) -> dict:
+    """JSON-friendly form of an outcome."""
+    return asdict(outcome)

@@ -1,0 +1,124 @@
+"""`python -m launch <command> ...` (and the Make targets that forward to it).
+
+Submitting commands take Hydra overrides; `-m` turns them into a sweep:
+    python -m launch pipeline experiment=vitb_80x5_color cluster=slurm cluster.nodes=4 dataset.root=/data/in1k
+    python -m launch pipeline --dry-run experiment=tiny cluster=slurm
+    python -m launch pipeline -m experiment=tiny pretrain.mask.ratio=0.8,0.9 pretrain.mask.num_masks=5,8
+    python -m launch status experiments/tiny        python -m launch results experiments
+    python -m launch logs experiments/tiny pretrain  python -m launch cancel experiments/tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+SUBMIT_COMMANDS = ("pretrain", "linprobe", "fastprobe", "finetune", "pipeline")
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m launch", description="ExtreMA jobs on SLURM or this machine.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    helps = {
+        "pretrain": "submit a pretraining job",
+        "linprobe": "submit a linear probe of a checkpoint (default: the experiment's pretraining)",
+        "fastprobe": "submit a fast probe + kNN of a checkpoint",
+        "finetune": "submit a finetune of a checkpoint",
+        "pipeline": "submit pretraining and its evaluations (afterok); submits only what is missing",
+    }
+    for name in SUBMIT_COMMANDS:
+        p = sub.add_parser(name, help=helps[name])
+        p.add_argument("--dry-run", action="store_true", help="print the DAG and batch scripts, submit nothing")
+        p.add_argument("-m", "--multirun", action="store_true", help="sweep over comma-separated override values")
+        p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=tiny cluster=slurm")
+    p = sub.add_parser("config", help="print the composed config of some overrides")
+    p.add_argument("overrides", nargs="*")
+    p = sub.add_parser("status", help="state, attempts and causes of every job of an experiment (or a root)")
+    p.add_argument("path", nargs="?", default="experiments", help="experiment folder or root (default: experiments)")
+    p = sub.add_parser("results", help="results table of every experiment under a root (Markdown, CSV, rich)")
+    p.add_argument("root", nargs="?", default="experiments")
+    p.add_argument("--out", help="where to write results.md and results.csv (default: the root)")
+    p = sub.add_parser("logs", help="the output of an experiment's jobs")
+    p.add_argument("experiment")
+    p.add_argument("job", nargs="?")
+    p.add_argument("-n", "--lines", type=int, default=40)
+    p = sub.add_parser("cancel", help="cancel an experiment's pending or running jobs")
+    p.add_argument("experiment")
+    p.add_argument("jobs", nargs="*")
+    p = sub.add_parser("demo", help="run the demo pipeline on built-in data (when the project ships it)")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    args = _parser().parse_args(argv)
+    console = Console()
+    try:
+        return _dispatch(args, console)
+    except Exception as exc:  # every user-facing failure ends here with its message, not a traceback
+        if not _is_user_error(exc):
+            raise
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return EXIT_USAGE
+
+
+def _is_user_error(exc: Exception) -> bool:
+    from jobs.slurm_cli import SlurmError
+    from launch.compose import ConfigError
+    from launch.experiment import ExperimentConflict
+    from launch.validate import ValidationError
+
+    user_errors = (ConfigError, ValidationError, ExperimentConflict, SlurmError, FileNotFoundError, ValueError)
+    return isinstance(exc, user_errors)
+
+
+def _dispatch(args: argparse.Namespace, console: Console) -> int:
+    if args.command in SUBMIT_COMMANDS:
+        if args.multirun:
+            from launch.sweep import run_sweep
+
+            return run_sweep(args.command, args.overrides, args.dry_run)
+        from launch.submit import run_command
+
+        return run_command(args.command, args.overrides, args.dry_run, console).exit_code
+    if args.command == "config":
+        from omegaconf import OmegaConf
+
+        from launch.compose import load_launch_config
+
+        console.out(OmegaConf.to_yaml(OmegaConf.structured(load_launch_config(args.overrides))), highlight=False)
+        return 0
+    if args.command == "status":
+        from launch.status import show_status
+
+        return 0 if show_status(Path(args.path), console) else 1
+    if args.command == "results":
+        from launch.results import write_results
+
+        write_results(Path(args.root), Path(args.out or args.root), console)
+        return 0
+    if args.command == "logs":
+        from launch.logs import show_logs
+
+        return 0 if show_logs(Path(args.experiment), args.job, args.lines, console) else 1
+    if args.command == "cancel":
+        from launch.cancel import cancel_jobs
+
+        cancel_jobs(Path(args.experiment), args.jobs, console)
+        return 0
+    if args.command == "demo":
+        if importlib.util.find_spec("launch.demo") is None:
+            console.print("[red]the demo is not part of this checkout yet (launch/demo.py)[/]")
+            return EXIT_USAGE
+        from launch import demo  # type: ignore[attr-defined]
+
+        return int(demo.main(args.args) or 0)
+    raise AssertionError(args.command)

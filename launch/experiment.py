@@ -1,0 +1,134 @@
+"""An experiment folder: its layout, its identity (the config it was made for) and its task configs.
+
+<root>/<name>/
+    manifest.json         jobs, ids, attempts, states (jobs.manifest)
+    config.yaml           the full resolved launcher config of the last command
+    jobs/<job>.yaml       the typed config each job runs (`python -m jobs.run TASK jobs/<job>.yaml ...`)
+    jobs/<job>.sbatch     the batch script of each SLURM job
+    logs/<job>-<id>.out   job output, appended across requeues
+    <job>/                run folder of each job (checkpoints/, metrics.jsonl, metrics.json)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from jobs.config_io import save_config
+from jobs.manifest import Manifest, now_iso
+from launch.schema import LaunchConfig
+
+# Keys that say where and how a run executes, not what it computes: changing them keeps the experiment.
+_NOT_IDENTITY = ("name", "root", "cluster", "pipeline")
+
+
+class ExperimentConflict(ValueError):
+    """The output folder belongs to an experiment with a different config."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """Paths of one experiment folder."""
+
+    dir: Path
+
+    @classmethod
+    def of(cls, cfg: LaunchConfig) -> Experiment:
+        return cls(Path(cfg.root).resolve() / cfg.name)
+
+    @property
+    def manifest(self) -> Manifest:
+        return Manifest(self.dir)
+
+    def run_dir(self, job: str) -> Path:
+        return self.dir / job
+
+    def job_config(self, job: str) -> Path:
+        return self.dir / "jobs" / f"{job}.yaml"
+
+    def sbatch_script(self, job: str) -> Path:
+        return self.dir / "jobs" / f"{job}.sbatch"
+
+    def log_pattern(self, job: str) -> Path:
+        """SLURM output file pattern (%j = job id)."""
+        return self.dir / "logs" / f"{job}-%j.out"
+
+    def log_file(self, job: str, job_id: str) -> Path:
+        return self.dir / "logs" / f"{job}-{job_id}.out"
+
+
+def identity(cfg: LaunchConfig) -> dict[str, Any]:
+    """What the experiment computes: the config without the keys of `_NOT_IDENTITY`."""
+    full = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    assert isinstance(full, dict)
+    return {k: v for k, v in full.items() if k not in _NOT_IDENTITY}
+
+
+def identity_hash(ident: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for every leaf that differs."""
+    a, b = _flatten(old), _flatten(new)
+    return [
+        f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
+
+
+def check_ownership(exp: Experiment, cfg: LaunchConfig) -> None:
+    """Refuse to reuse a folder made for a different config (its checkpoints would be resumed)."""
+    if not exp.dir.exists():
+        return
+    data = exp.manifest.read() if exp.manifest.exists() else None
+    if data is None:
+        if any(exp.dir.iterdir()):
+            raise ExperimentConflict(
+                f"output folder {exp.dir} exists, is not empty and has no manifest.json: it was not made by this "
+                f"launcher. Choose another experiment name (name=...) or root (root=...)."
+            )
+        return
+    new = identity(cfg)
+    if data.get("config_hash") == identity_hash(new):
+        return
+    diffs = config_differences(data.get("config", {}), new)
+    shown = "\n  ".join(diffs[:12]) + (f"\n  ... and {len(diffs) - 12} more" if len(diffs) > 12 else "")
+    raise ExperimentConflict(
+        f"output folder {exp.dir} belongs to experiment {data.get('name')!r} with a different config:\n  {shown}\n"
+        f"Resuming there would mix runs. Use another name (name={cfg.name}_v2) or root, or delete the folder."
+    )
+
+
+def prepare(exp: Experiment, cfg: LaunchConfig) -> None:
+    """Create the folder and its manifest header; write the resolved config (call after check_ownership)."""
+    (exp.dir / "jobs").mkdir(parents=True, exist_ok=True)
+    (exp.dir / "logs").mkdir(parents=True, exist_ok=True)
+    ident = identity(cfg)
+    with exp.manifest.edit() as data:
+        data.setdefault("name", cfg.name)
+        data.setdefault("created", now_iso())
+        data["config_hash"] = identity_hash(ident)
+        data["config"] = ident
+        data.setdefault("jobs", {})
+    (exp.dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+def write_job_config(exp: Experiment, job: str, task_cfg: Any) -> Path:
+    """Write the typed config a job will run."""
+    return save_config(task_cfg, exp.job_config(job))

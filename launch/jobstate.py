@@ -1,0 +1,148 @@
+"""The current state of an experiment's jobs, from SLURM's accounting, falling back to the controller's
+queue and then to the manifest when accounting is not available."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from jobs.slurm_cli import SlurmError, parse_duration_s, sacct_records, show_job, squeue_states
+
+log = logging.getLogger(__name__)
+
+ALIVE = frozenset(
+    {
+        "PENDING",
+        "RUNNING",
+        "REQUEUED",
+        "REQUEUE_HOLD",
+        "REQUEUE_FED",
+        "CONFIGURING",
+        "COMPLETING",
+        "SUSPENDED",
+        "RESIZING",
+        "PREEMPTED",
+        "SIGNALING",
+        "STAGE_OUT",
+        "RESV_DEL_HOLD",
+        "STOPPED",
+    }
+)
+DONE = "COMPLETED"
+FINAL_FAILURES = frozenset(
+    {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "INTERRUPTED"}
+)
+
+
+@dataclass
+class JobView:
+    """What is known about one submitted job."""
+
+    state: str
+    """SLURM's state word (RUNNING, COMPLETED, ...) or the manifest's when SLURM has nothing."""
+    source: str
+    """sacct, squeue, scontrol or manifest."""
+    reason: str = ""
+    elapsed_s: float = 0.0
+    """Run time summed over every attempt."""
+    nodelist: str = ""
+    nnodes: int = 0
+    runs: list[dict] = field(default_factory=list)
+    """One accounting row per attempt (sacct --duplicates), oldest first."""
+
+    @property
+    def alive(self) -> bool:
+        return self.state in ALIVE
+
+    @property
+    def failed_for_good(self) -> bool:
+        return self.state in FINAL_FAILURES
+
+
+def _state_word(state: str) -> str:
+    # sacct prints "CANCELLED by 0"; scontrol may print "PENDING" etc.
+    return state.split()[0].rstrip("+") if state else "UNKNOWN"
+
+
+def slurm_views(job_ids: list[str]) -> tuple[dict[str, JobView], str]:
+    """{job id: JobView} for the given SLURM job ids, and which source answered."""
+    ids = [j for j in job_ids if j]
+    if not ids:
+        return {}, "manifest"
+    try:
+        rows = sacct_records(ids)
+    except SlurmError as exc:
+        log.info("sacct unavailable (%s); using squeue/scontrol", exc)
+        return _views_without_accounting(ids), "squeue"
+    views: dict[str, JobView] = {}
+    for row in rows:
+        views.setdefault(row["JobID"], JobView("UNKNOWN", "sacct")).runs.append(row)
+    for view in views.values():
+        last = view.runs[-1]
+        view.state = _state_word(last["State"])
+        view.reason = last.get("Reason", "")
+        view.elapsed_s = sum(parse_duration_s(r["Elapsed"]) or 0.0 for r in view.runs)
+        view.nodelist = last.get("NodeList", "")
+        view.nnodes = int(last.get("NNodes") or 0)
+    # Jobs sacct does not list yet (just submitted) may still be in the controller's queue.
+    missing = [j for j in ids if j not in views]
+    views.update(_views_without_accounting(missing))
+    return views, "sacct"
+
+
+def _views_without_accounting(ids: list[str]) -> dict[str, JobView]:
+    views: dict[str, JobView] = {}
+    queued = squeue_states(ids) if ids else {}
+    for job_id in ids:
+        if job_id in queued:
+            q = queued[job_id]
+            views[job_id] = JobView(
+                q["State"], "squeue", q["Reason"], parse_duration_s(q["Elapsed"]) or 0.0, q["NodeList"]
+            )
+            continue
+        record = show_job(job_id)
+        if record:
+            views[job_id] = JobView(
+                _state_word(record.get("JobState", "")),
+                "scontrol",
+                record.get("Reason", ""),
+                parse_duration_s(record.get("RunTime", "")) or 0.0,
+                record.get("NodeList", ""),
+                int(record.get("NumNodes", "0").split("-")[0] or 0),
+            )
+    return views
+
+
+def job_view(entry: dict, slurm: dict[str, JobView]) -> JobView:
+    """The best view of one manifest job: SLURM's when it knows the job, else the manifest's own record."""
+    job_id = entry.get("job_id")
+    if entry.get("backend") == "slurm" and job_id in slurm:
+        view = slurm[job_id]
+        if not view.alive and entry.get("reason"):
+            # Why a job ended (our record: "dependency pretrain failed: ...") says more than SLURM's word.
+            view.reason = entry["reason"]
+        return view
+    return JobView(entry.get("state", "UNKNOWN"), "manifest", entry.get("reason") or "")
+
+
+def current_views(entries: dict[str, dict]) -> tuple[dict[str, JobView], str]:
+    """{job name: JobView} for the manifest's jobs, and where SLURM's answer came from.
+
+    Local jobs have no scheduler to ask: a job the manifest does not record as COMPLETED is treated as
+    ended (a launcher that was stopped leaves RUNNING behind), so that running the command again resumes it.
+    """
+    slurm_ids = [e["job_id"] for e in entries.values() if e.get("backend") == "slurm" and e.get("job_id")]
+    slurm, source = slurm_views(slurm_ids)
+    views: dict[str, JobView] = {}
+    for name, entry in entries.items():
+        if entry.get("backend") == "slurm":
+            views[name] = job_view(entry, slurm)
+            if views[name].source == "manifest" and views[name].state in ALIVE:
+                # Neither accounting nor the controller knows it: it cannot be pending or running.
+                views[name].state = "UNKNOWN"
+        else:
+            state = entry.get("state", "UNKNOWN")
+            views[name] = JobView(
+                state if state in (DONE, *FINAL_FAILURES) else "INTERRUPTED", "manifest", entry.get("reason") or ""
+            )
+    return views, source

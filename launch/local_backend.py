@@ -1,0 +1,123 @@
+"""Run planned jobs on this machine, one after the other: through submitit's LocalExecutor (each job in
+its own processes, `nodes x tasks_per_node` ranks) or inside the launcher's process.
+
+Ctrl-C stops the running job at its next step boundary, after it saved; the same command resumes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import sys
+import time
+
+from jobs.runner import CheckpointableJob, JobOutcome, JobSpec, run_attempt
+from launch.experiment import Experiment, write_job_config
+from launch.plan import DONE_ACTION, SUBMIT, PlannedJob
+from launch.schema import ClusterConfig, LaunchConfig
+
+log = logging.getLogger(__name__)
+
+EXIT_INTERRUPTED = 130
+
+
+def job_spec(exp: Experiment, name: str, task: str, cluster: ClusterConfig) -> JobSpec:
+    """The JobSpec of one job of the experiment."""
+    return JobSpec(
+        task=task,
+        config_path=str(exp.job_config(name)),
+        run_dir=str(exp.run_dir(name)),
+        experiment_dir=str(exp.dir),
+        job_name=name,
+        max_requeues=cluster.max_requeues,
+        max_timeouts=cluster.max_timeouts,
+        signal_delay_s=cluster.signal_delay_s,
+        step_pause_s=cluster.step_pause_s,
+    )
+
+
+def run_planned(exp: Experiment, cfg: LaunchConfig, planned: list[PlannedJob]) -> int:
+    """Run the planned jobs in order; returns 0 (all done), 1 (a job failed) or 130 (interrupted)."""
+    ok = {p.node.name for p in planned if p.action == DONE_ACTION}
+    for p in planned:
+        if p.action != SUBMIT:
+            continue
+        name = p.node.name
+        missing = [d for d in p.node.depends_on if d not in ok]
+        if missing:
+            exp.manifest.update_job(name, state="CANCELLED", reason=f"dependency {', '.join(missing)} did not complete")
+            continue
+        write_job_config(exp, name, p.node.config)
+        with exp.manifest.edit() as data:
+            data["jobs"].setdefault(name, {}).update(
+                task=p.node.task,
+                backend="local",
+                executor=cfg.cluster.executor,
+                depends_on=list(p.node.depends_on),
+                run_dir=os.path.relpath(exp.run_dir(name), exp.dir),
+                config=os.path.relpath(exp.job_config(name), exp.dir),
+                nodes=1,
+                gpus_per_node=cfg.cluster.gpus_per_node,
+                state="PENDING",
+                reason=None,
+            )
+        spec = job_spec(exp, name, p.node.task, cfg.cluster)
+        ranks = p.node.nodes * cfg.cluster.tasks_per_node
+        log.info("running %s locally (%d rank(s), %s)", name, ranks, cfg.cluster.executor)
+        outcome = _run_one(exp, spec, cfg.cluster, ranks)
+        if outcome.status == "finished":
+            ok.add(name)
+        elif outcome.status == "stopped":
+            log.warning("%s was interrupted at step %s; run the same command again to resume", name, outcome.step)
+            return EXIT_INTERRUPTED
+        else:
+            log.error("%s failed: %s", name, outcome.detail)
+            return 1
+    return 0
+
+
+def _run_one(exp: Experiment, spec: JobSpec, cluster: ClusterConfig, ranks: int) -> JobOutcome:
+    if cluster.executor == "inprocess":
+        try:
+            return run_attempt(spec)
+        except Exception as exc:  # recorded in the manifest by the runner; the pipeline stops here
+            return JobOutcome("failed", "error", None, detail=f"{type(exc).__name__}: {exc}")
+    return _run_submitit(exp, spec, cluster, ranks)
+
+
+def _run_submitit(exp: Experiment, spec: JobSpec, cluster: ClusterConfig, ranks: int) -> JobOutcome:
+    import submitit
+
+    executor = submitit.LocalExecutor(folder=exp.dir / "logs" / "submitit")
+    # The controller ignores Ctrl-C (trap '' INT) so that it does not kill the ranks while they save;
+    # the ranks install their own SIGINT handler, so Ctrl-C still reaches them.
+    setup = ["trap '' INT", *cluster.setup, *(f"export {k}={shlex.quote(str(v))}" for k, v in cluster.env.items())]
+    executor.update_parameters(
+        tasks_per_node=ranks,
+        timeout_min=cluster.time_limit_min,
+        signal_delay_s=cluster.signal_delay_s,
+        setup=setup,
+    )
+    job = executor.submit(CheckpointableJob(spec))
+    exp.manifest.update_job(spec.name, job_id=f"local-{job.job_id}", log=str(job.paths.stdout))
+    interrupted_at: float | None = None
+    while True:
+        try:
+            while not job.done():
+                time.sleep(0.5)
+            break
+        except KeyboardInterrupt:
+            if interrupted_at is not None and time.monotonic() - interrupted_at < 10:
+                log.error("second Ctrl-C: killing %s without a checkpoint", spec.name)
+                job.cancel()
+                raise
+            interrupted_at = time.monotonic()
+            print(
+                f"\n{spec.name}: stopping at the next step boundary after a checkpoint (Ctrl-C again to kill)",
+                file=sys.stderr,
+            )
+    try:
+        return job.result()
+    except Exception as exc:  # submitit re-raises the job's exception as FailedJobError
+        return JobOutcome("failed", "error", None, detail=str(exc).strip().splitlines()[-1] if str(exc) else repr(exc))

@@ -1,0 +1,50 @@
+"""`python -m launch logs EXPERIMENT_DIR [JOB] [-n LINES]`: the output of an experiment's jobs."""
+
+from __future__ import annotations
+
+from collections import deque
+from pathlib import Path
+
+from rich.console import Console
+
+from jobs.manifest import Manifest
+
+
+def log_files(experiment_dir: Path, job: str, entry: dict) -> list[Path]:
+    """Every log file of a job, oldest submission first (SLURM appends all attempts to one file per id)."""
+    files: list[Path] = []
+    for submission in entry.get("submissions", []):
+        path = experiment_dir / "logs" / f"{job}-{submission['job_id']}.out"
+        if path.is_file():
+            files.append(path)
+    recorded = entry.get("log")
+    if recorded:
+        path = Path(recorded) if Path(recorded).is_absolute() else experiment_dir / recorded
+        for candidate in (path, path.with_name(path.name.replace("_log.out", "_log.err"))):
+            if candidate.is_file() and candidate not in files:
+                files.append(candidate)
+    return files
+
+
+def tail(path: Path, lines: int) -> list[str]:
+    with open(path, errors="replace") as f:
+        return list(deque(f, maxlen=lines))
+
+
+def show_logs(experiment_dir: Path, job: str | None, lines: int, console: Console) -> int:
+    """Print the last `lines` lines of each log of `job` (every job when None); returns how many files."""
+    entries = Manifest(experiment_dir).read().get("jobs", {})
+    if job is not None and job not in entries:
+        raise ValueError(f"{experiment_dir} has no job {job!r}; its jobs: {', '.join(entries) or 'none'}")
+    shown = 0
+    for name, entry in entries.items():
+        if job is not None and name != job:
+            continue
+        files = log_files(experiment_dir, name, entry)
+        if not files:
+            console.print(f"[yellow]{name}: no log file yet[/]")
+        for path in files:
+            console.rule(f"{name}: {path}")
+            console.out("".join(tail(path, lines)), end="", highlight=False)
+            shown += 1
+    return shown

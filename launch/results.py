@@ -1,0 +1,158 @@
+"""`python -m launch results [ROOT]`: every experiment under a root in one table with the published
+columns (name, pretrain data, epochs, masking, color-aug, wall time, linear, finetune) plus GPU-hours,
+requeues, kNN and fast-probe accuracy. Writes Markdown and CSV and prints a rich table.
+
+A metric that does not exist (an evaluation that has not run or failed) is shown as missing ("-"),
+never as 0. Wall time sums every attempt of the pretraining job.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from jobs.manifest import Manifest
+from launch.progress import read_final_metrics
+from launch.status import JobStatus, collect, find_experiments, format_duration
+
+MISSING = "-"
+COLUMNS = (
+    "experiment", "name", "pretrain data", "epochs", "masking", "color-aug", "wall time",
+    "linear", "finetune", "GPU-hours", "requeues", "kNN", "fast-probe",
+)  # fmt: skip
+_MODEL_NAMES = {"vit_tiny": "ViT-Tiny", "vit_small": "ViT-Small", "vit_base": "ViT-Base", "vit_large": "ViT-Large"}
+
+
+@dataclass
+class ResultRow:
+    """One experiment's line of the table; None = missing."""
+
+    experiment: str
+    name: str
+    pretrain_data: str | None
+    epochs: int | None
+    masking: str | None
+    color_aug: str | None
+    wall_time_s: float | None
+    """Seconds, summed over every attempt of the pretraining job."""
+    linear: float | None
+    finetune: float | None
+    gpu_hours: float | None
+    requeues: int | None
+    knn: float | None
+    fast_probe: float | None
+
+    def cells(self) -> list[str]:
+        """The row as text, in COLUMNS order."""
+
+        def num(value: float | None, fmt: str) -> str:
+            return MISSING if value is None else format(value, fmt)
+
+        return [
+            self.experiment,
+            self.name,
+            self.pretrain_data or MISSING,
+            MISSING if self.epochs is None else str(self.epochs),
+            self.masking or MISSING,
+            self.color_aug or MISSING,
+            MISSING if self.wall_time_s is None else format_duration(self.wall_time_s),
+            num(self.linear, ".1f"),
+            num(self.finetune, ".1f"),
+            num(self.gpu_hours, ".2f"),
+            MISSING if self.requeues is None else str(self.requeues),
+            num(self.knn, ".1f"),
+            num(self.fast_probe, ".1f"),
+        ]
+
+
+def _top1(metrics: dict | None, *path: str) -> float | None:
+    node = (metrics or {}).get("results")
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return float(node) if isinstance(node, (int, float)) else None
+
+
+def experiment_row(experiment_dir: Path) -> ResultRow:
+    """Collate one experiment: its config from the manifest, metrics from its run folders, time from SLURM."""
+    data = Manifest(experiment_dir).read()
+    config = data.get("config", {})
+    pre = config.get("pretrain", {})
+    mask = pre.get("mask", {})
+    jobs = data.get("jobs", {})
+    statuses, _ = collect(experiment_dir)
+    by_name: dict[str, JobStatus] = {s.name: s for s in statuses}
+
+    def metrics(job: str) -> dict | None:
+        entry = jobs.get(job)
+        return read_final_metrics(experiment_dir / entry.get("run_dir", job)) if entry else None
+
+    pretrain_status = by_name.get("pretrain")
+    pretrain_metrics = metrics("pretrain")
+    wall_s = pretrain_status.elapsed_s if pretrain_status and pretrain_status.elapsed_s else None
+    if wall_s is None and pretrain_metrics:
+        wall_s = pretrain_metrics.get("wall_time_s")
+    gpus = (jobs.get("pretrain", {}).get("nodes") or 1) * (jobs.get("pretrain", {}).get("gpus_per_node") or 0)
+    ratio, count = mask.get("ratio"), mask.get("num_masks")
+    fast = metrics("fastprobe")
+    return ResultRow(
+        experiment=data.get("name", experiment_dir.name),
+        name=_MODEL_NAMES.get(pre.get("model", {}).get("arch"), pre.get("model", {}).get("arch") or MISSING),
+        pretrain_data=pre.get("data", {}).get("name"),
+        epochs=pre.get("optim", {}).get("epochs"),
+        masking=None if ratio is None or count is None else f"{round(100 * ratio)}%x{count}",
+        color_aug=None if "augmentation" not in pre else ("yes" if pre["augmentation"] == "color" else "no"),
+        wall_time_s=wall_s,
+        linear=_top1(metrics("linprobe"), "top1"),
+        finetune=_top1(metrics("finetune"), "top1"),
+        gpu_hours=None if wall_s is None else wall_s / 3600 * gpus,
+        requeues=pretrain_status.requeues if pretrain_status else None,
+        knn=_top1(fast, "knn", "top1"),
+        fast_probe=_top1(fast, "top1"),
+    )
+
+
+def collate(root: Path) -> list[ResultRow]:
+    """One row per experiment under `root`."""
+    return [experiment_row(d) for d in find_experiments(root)]
+
+
+def to_markdown(rows: list[ResultRow]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    lines += ["| " + " | ".join(r.cells()) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[ResultRow]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(COLUMNS)
+    for r in rows:
+        writer.writerow(r.cells())
+    return out.getvalue()
+
+
+def to_rich(rows: list[ResultRow], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in COLUMNS:
+        table.add_column(column, justify="right" if column in ("linear", "finetune", "kNN", "fast-probe") else "left")
+    for r in rows:
+        table.add_row(*r.cells())
+    return table
+
+
+def write_results(root: Path, out_dir: Path, console: Console) -> list[ResultRow]:
+    """Collate, print, and write results.md + results.csv into `out_dir`."""
+    rows = collate(root)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.md").write_text(to_markdown(rows))
+    (out_dir / "results.csv").write_text(to_csv(rows))
+    console.print(to_rich(rows, f"results under {root}"))
+    console.print(f"written: {out_dir / 'results.md'}, {out_dir / 'results.csv'}")
+    return rows

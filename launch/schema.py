@@ -1,0 +1,149 @@
+"""The launcher's typed config tree, registered in Hydra's ConfigStore.
+
+The YAML under configs/ only composes and overrides these dataclasses, so Hydra rejects an unknown key
+or a wrong type the moment a command is typed. The task sections are the core package's own configs
+(`extrema.config`); the cluster and pipeline sections are the launcher's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+from extrema.config import FastProbeConfig, FinetuneConfig, LinearProbeConfig, PretrainConfig
+from extrema.config.common import check_choice, check_positive
+
+BACKENDS = ("local", "slurm")
+LOCAL_EXECUTORS = ("submitit", "inprocess")
+EVALUATIONS = ("linprobe", "fastprobe", "finetune")
+
+
+@dataclass
+class DatasetConfig:
+    """An image dataset in ImageFolder layout, referenced by the task sections through interpolation."""
+
+    root: str = "data/imagenet"
+    """Folder holding train/<class>/<images> and val/<class>/<images>."""
+    name: str = "imagenet-1k"
+    """Name shown in the results table."""
+
+
+@dataclass
+class ClusterConfig:
+    """Where and with what resources jobs run."""
+
+    backend: str = "local"
+    """local (this machine) or slurm (sbatch)."""
+    executor: str = "submitit"
+    """Local backend: submitit (each job in its own processes via submitit's LocalExecutor) or inprocess."""
+    partition: str | None = None
+    """SLURM partition; None = the cluster's default."""
+    account: str | None = None
+    """SLURM account to charge."""
+    qos: str | None = None
+    """SLURM quality of service."""
+    nodes: int = 1
+    """Nodes of the pretraining job."""
+    tasks_per_node: int = 1
+    """Processes (ranks) per node; one per GPU on GPU nodes."""
+    gpus_per_node: int = 0
+    """GPUs per node (`--gpus-per-node`); 0 = CPU job."""
+    cpus_per_task: int = 8
+    """CPU cores per rank (data-loading workers + the main process)."""
+    mem: str | None = None
+    """Memory per node as sbatch takes it (`64G`; `0` = all of it); None = the cluster's default."""
+    time_limit_min: int = 4320
+    """Time limit of each attempt in minutes; the job saves and requeues itself before it."""
+    constraint: str | None = None
+    """Node features (`--constraint`), e.g. a GPU type."""
+    signal_delay_s: int = 120
+    """USR2 comes this many seconds before the time limit (`--signal=USR2@N`): time to finish a step and save."""
+    max_requeues: int = 100
+    """Requeues of any cause before a job is failed (guards against loops)."""
+    max_timeouts: int = 20
+    """Requeues at the time limit before a job is failed; preemptions never count."""
+    eval_nodes: int = 1
+    """Nodes of each evaluation job."""
+    eval_time_limit_min: int = 1440
+    """Time limit of each evaluation attempt in minutes."""
+    sbatch_extra: dict[str, str] = field(default_factory=dict)
+    """More sbatch options, `{option: value}` -> `#SBATCH --option=value` (empty value: `--option`)."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run before the job step (`module load ...`, `source venv/bin/activate`)."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Environment variables of every rank (e.g. NCCL or GLOO settings)."""
+    python: str | None = None
+    """Python interpreter on the nodes; None = the one running the launcher."""
+    step_pause_s: float = 0.0
+    """Test knob: every rank sleeps this long at each step boundary (lets tests interrupt a toy run mid-way)."""
+
+    def __post_init__(self) -> None:
+        check_choice("cluster.backend", self.backend, BACKENDS)
+        check_choice("cluster.executor", self.executor, LOCAL_EXECUTORS)
+        for name in ("nodes", "tasks_per_node", "cpus_per_task", "time_limit_min", "eval_nodes"):
+            check_positive(f"cluster.{name}", getattr(self, name))
+        for name in ("gpus_per_node", "signal_delay_s", "max_requeues", "max_timeouts", "step_pause_s"):
+            check_positive(f"cluster.{name}", getattr(self, name), allow_zero=True)
+        check_positive("cluster.eval_time_limit_min", self.eval_time_limit_min)
+        if self.signal_delay_s >= 60 * self.time_limit_min:
+            raise ValueError(
+                f"cluster.signal_delay_s={self.signal_delay_s} is not shorter than cluster.time_limit_min="
+                f"{self.time_limit_min} minutes: the job would be warned before it starts"
+            )
+
+    @property
+    def ranks(self) -> int:
+        """Ranks of the pretraining job."""
+        return self.nodes * self.tasks_per_node
+
+    @property
+    def eval_ranks(self) -> int:
+        """Ranks of each evaluation job."""
+        return self.eval_nodes * self.tasks_per_node
+
+
+@dataclass
+class PipelineConfig:
+    """What `pipeline` submits after pretraining."""
+
+    evaluations: list[str] = field(default_factory=lambda: list(EVALUATIONS))
+    """Evaluations of the final checkpoint, each its own job that starts when pretraining succeeded."""
+
+    def __post_init__(self) -> None:
+        for name in self.evaluations:
+            check_choice("pipeline.evaluations[]", name, EVALUATIONS)
+        if len(set(self.evaluations)) != len(self.evaluations):
+            raise ValueError(f"pipeline.evaluations={self.evaluations} lists an evaluation twice")
+
+
+@dataclass
+class LaunchConfig:
+    """Everything one command needs: the experiment (tasks + data), where it runs, what the pipeline holds."""
+
+    name: str = "???"
+    """Experiment name: its folder is `<root>/<name>`."""
+    root: str = "experiments"
+    """Folder holding every experiment."""
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    """Pretraining data."""
+    eval_dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    """Data of the evaluations (ImageNet-1K for every published model)."""
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    linprobe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
+    fastprobe: FastProbeConfig = field(default_factory=FastProbeConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+    def task_config(self, task: str):
+        """The typed config of one task (pretrain, linprobe, fastprobe, finetune)."""
+        return getattr(self, task)
+
+
+SCHEMA_NAME = "launch_schema"
+
+
+def register_configs() -> None:
+    """Put the schema in Hydra's ConfigStore (configs/config.yaml lists it first in its defaults)."""
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=LaunchConfig)

@@ -1,0 +1,68 @@
+"""Submit planned jobs to SLURM: write configs and batch scripts, check them with `sbatch --test-only`,
+then sbatch them in dependency order with `afterok` on the jobs they wait for."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from jobs.manifest import now_iso
+from jobs.slurm_cli import cancel
+from launch.experiment import Experiment, write_job_config
+from launch.jobstate import JobView
+from launch.plan import SUBMIT, PlannedJob
+from launch.sbatch import render_script, submit, test_only
+from launch.schema import LaunchConfig
+
+log = logging.getLogger(__name__)
+
+
+def submit_planned(exp: Experiment, cfg: LaunchConfig, planned: list[PlannedJob], views: dict[str, JobView]) -> dict:
+    """Submit every job whose action is `submit`; returns {job name: job id} of what was submitted."""
+    to_submit = [p for p in planned if p.action == SUBMIT]
+    scripts = {}
+    for p in to_submit:
+        write_job_config(exp, p.node.name, p.node.config)
+        path = exp.sbatch_script(p.node.name)
+        path.write_text(render_script(p.node, cfg.cluster, exp))
+        scripts[p.node.name] = path
+    # Ask SLURM about every script before submitting any, so that a rejected partition or account
+    # leaves nothing half-submitted.
+    for path in scripts.values():
+        test_only(path)
+    entries = exp.manifest.read().get("jobs", {})
+    ids = {name: e.get("job_id") for name, e in entries.items()}
+    submitted = {}
+    for p in to_submit:
+        name = p.node.name
+        old = views.get(name)
+        if old is not None and old.alive and ids.get(name):
+            # Pending on a dependency that is submitted again: replace it, never run two copies.
+            cancel([ids[name]])
+        after = [ids[d] for d in p.after if ids.get(d)]
+        with exp.manifest.edit() as data:
+            entry = data["jobs"].setdefault(name, {})
+            entry.update(
+                task=p.node.task,
+                backend="slurm",
+                job_id=None,
+                depends_on=list(p.node.depends_on),
+                run_dir=os.path.relpath(exp.run_dir(name), exp.dir),
+                config=os.path.relpath(exp.job_config(name), exp.dir),
+                script=os.path.relpath(scripts[name], exp.dir),
+                nodes=p.node.nodes,
+                gpus_per_node=cfg.cluster.gpus_per_node,
+                state="SUBMITTING",
+                reason=None,
+            )
+        job_id = submit(scripts[name], after)
+        ids[name] = job_id
+        submitted[name] = job_id
+        with exp.manifest.edit() as data:
+            entry = data["jobs"][name]
+            entry.update(job_id=job_id, log=os.path.relpath(exp.log_file(name, job_id), exp.dir))
+            if entry.get("state") == "SUBMITTING":  # the job may already have started and said RUNNING
+                entry["state"] = "PENDING"
+            entry.setdefault("submissions", []).append({"job_id": job_id, "time": now_iso(), "after": after})
+        log.info("submitted %s as job %s%s", name, job_id, f" (afterok:{':'.join(after)})" if after else "")
+    return submitted

@@ -1,0 +1,176 @@
+"""`python -m launch status [EXPERIMENT_DIR | ROOT]`: every job's state, attempts and their causes,
+elapsed time, nodes, last step/epoch and loss, and ETA.
+
+States come from `sacct` (every attempt), or from squeue/scontrol when accounting is unavailable, or
+from the manifest for local jobs and jobs SLURM has forgotten.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from jobs.manifest import MANIFEST_NAME, Manifest
+from launch.jobstate import JobView, current_views
+from launch.progress import Progress, read_progress
+
+STATE_COLOURS = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow", "FAILED": "red", "CANCELLED": "red"}
+
+
+@dataclass
+class JobStatus:
+    """One row of the status table."""
+
+    experiment: str
+    name: str
+    task: str
+    job_id: str
+    view: JobView
+    attempts: list[dict]
+    progress: Progress
+    nodes: str
+    elapsed_s: float
+    causes: list[str] = field(default_factory=list)
+
+    @property
+    def requeues(self) -> int:
+        """Attempts that ended in a way that brings the job back (preempted, timeout, requeued, ...)."""
+        from jobs.interruption import REQUEUE_ITSELF, REQUEUED_BY_SLURM
+
+        return sum(1 for a in self.attempts if a.get("cause") in REQUEUE_ITSELF | REQUEUED_BY_SLURM | {"killed"})
+
+
+def find_experiments(path: Path) -> list[Path]:
+    """The experiment folders at or under `path` (a folder with a manifest, or a root holding such folders)."""
+    if (path / MANIFEST_NAME).is_file():
+        return [path]
+    return sorted(p.parent for p in path.glob(f"**/{MANIFEST_NAME}"))
+
+
+def collect(experiment_dir: Path) -> tuple[list[JobStatus], str]:
+    """Status of every job of one experiment, and the source of SLURM's states."""
+    data = Manifest(experiment_dir).read()
+    entries = data.get("jobs", {})
+    views, source = current_views(entries)
+    rows = []
+    for name, entry in entries.items():
+        attempts = entry.get("attempts", [])
+        view = views[name]
+        # Accounting sums every attempt; without it, add up the attempts the job recorded itself.
+        elapsed = view.elapsed_s or sum(_attempt_seconds(a) for a in attempts)
+        rows.append(
+            JobStatus(
+                experiment=data.get("name", experiment_dir.name),
+                name=name,
+                task=entry.get("task", name),
+                job_id=str(entry.get("job_id") or "-"),
+                view=view,
+                attempts=attempts,
+                progress=read_progress(experiment_dir / entry.get("run_dir", name)),
+                nodes=view.nodelist or ",".join(sorted({a.get("nodes") or a.get("host", "") for a in attempts[-1:]})),
+                elapsed_s=elapsed,
+                causes=[a.get("cause") or "running" for a in attempts],
+            )
+        )
+    return rows, source
+
+
+def _attempt_seconds(attempt: dict) -> float:
+    from datetime import datetime
+
+    try:
+        start = datetime.fromisoformat(attempt["start"])
+        end = datetime.fromisoformat(attempt["end"]) if attempt.get("end") not in (None, "unknown") else None
+    except (KeyError, ValueError):
+        return 0.0
+    if end is None:
+        return 0.0
+    return max((end - start).total_seconds(), 0.0)
+
+
+def format_duration(seconds: float | None) -> str:
+    """12345 -> '3h25m45s'; None -> '-'."""
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def status_table(rows: list[JobStatus], title: str) -> Table:
+    """The main table: one row per job."""
+    table = Table(title=title, title_justify="left")
+    columns = ("experiment", "job", "id", "state", "attempts", "requeues (causes)", "elapsed", "nodes")
+    for column in (*columns, "step", "epoch", "loss", "ETA", "reason"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        colour = STATE_COLOURS.get(r.view.state, "white")
+        causes = [c for c in r.causes if c not in ("finished", "running")]
+        p = r.progress
+        step = "-" if p.step is None else (f"{p.step}/{p.total_steps}" if p.total_steps else str(p.step))
+        table.add_row(
+            r.experiment,
+            r.name,
+            r.job_id,
+            f"[{colour}]{r.view.state}[/]",
+            str(len(r.attempts)),
+            f"{r.requeues} ({', '.join(causes)})" if causes else "0",
+            format_duration(r.elapsed_s),
+            r.nodes or "-",
+            step,
+            "-" if p.epoch is None else f"{p.epoch:.2f}",
+            "-" if p.loss is None else f"{p.loss:.4f}",
+            format_duration(p.eta_s) if r.view.alive else "-",
+            r.view.reason if r.view.reason not in ("None",) else "",
+        )
+    return table
+
+
+def attempts_table(rows: list[JobStatus]) -> Table:
+    """Every attempt of every job with how it ended and why."""
+    table = Table(title="attempts", title_justify="left")
+    for column in ("job", "#", "job id", "start", "end", "cause", "detail", "steps", "start-up"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        for a in r.attempts:
+            steps = f"{a.get('resumed_step', '?')} -> {a.get('end_step', a.get('reached_step', '?'))}"
+            startup = a.get("startup_s")
+            table.add_row(
+                r.name,
+                str(a.get("n")),
+                str(a.get("job_id", "")),
+                _clock(a.get("start")),
+                _clock(a.get("end")),
+                a.get("cause") or "-",
+                a.get("detail") or "",
+                steps,
+                "-" if startup is None else f"{startup:.1f}s",
+            )
+    return table
+
+
+def _clock(stamp: str | None) -> str:
+    """'2026-11-28T00:15:23+00:00' -> '00:15:23'; None -> 'running'."""
+    if not stamp:
+        return "running"
+    return stamp[11:19] if len(stamp) >= 19 else stamp
+
+
+def show_status(path: Path, console: Console) -> int:
+    """Print the status of every experiment at or under `path`; returns the number of jobs shown."""
+    experiments = find_experiments(path)
+    if not experiments:
+        console.print(f"[red]no experiment (manifest.json) at or under {path}[/]")
+        return 0
+    all_rows: list[JobStatus] = []
+    source = "manifest"
+    for exp in experiments:
+        rows, source = collect(exp)
+        all_rows += rows
+    console.print(status_table(all_rows, f"status of {path} (states from {source})"))
+    console.print(attempts_table(all_rows))
+    return len(all_rows)

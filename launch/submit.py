@@ -1,0 +1,107 @@
+"""The submitting commands: pretrain, linprobe, fastprobe, finetune and pipeline.
+
+Each one composes and validates the config, checks the experiment folder belongs to it, plans what is
+missing, and then prints (--dry-run), submits to SLURM, or runs the jobs locally.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.syntax import Syntax
+from rich.table import Table
+
+from launch.compose import load_launch_config
+from launch.dag import build_dag, render_dag
+from launch.experiment import Experiment, check_ownership, prepare
+from launch.jobstate import current_views
+from launch.plan import SUBMIT, PlannedJob, plan_jobs
+from launch.schema import LaunchConfig
+from launch.validate import validate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CommandResult:
+    """What a submitting command did: its plan and the SLURM ids it got (empty for local runs)."""
+
+    experiment: Experiment
+    planned: list[PlannedJob]
+    submitted: dict[str, str]
+    exit_code: int = 0
+
+
+def plan_command(command: str, cfg: LaunchConfig) -> tuple[Experiment, list[PlannedJob], dict]:
+    """Validate everything and decide what to submit; queues nothing and writes nothing."""
+    exp = Experiment.of(cfg)
+    nodes = build_dag(cfg, command, exp)
+    validate(cfg, nodes, exp.run_dir("pretrain"))
+    check_ownership(exp, cfg)
+    entries = exp.manifest.read().get("jobs", {}) if exp.manifest.exists() else {}
+    views, _ = current_views(entries)
+    return exp, plan_jobs(nodes, entries, views), views
+
+
+def run_command(
+    command: str, overrides: list[str], dry_run: bool = False, console: Console | None = None
+) -> CommandResult:
+    """`python -m launch <command> [overrides]`."""
+    console = console or Console()
+    cfg = load_launch_config(overrides)
+    return run_with_config(command, cfg, dry_run, console)
+
+
+def run_with_config(command: str, cfg: LaunchConfig, dry_run: bool, console: Console) -> CommandResult:
+    """The command for an already built config (sweep members come here)."""
+    exp, planned, views = plan_command(command, cfg)
+    show_plan(console, exp, cfg, planned)
+    if dry_run:
+        show_dry_run(console, exp, cfg, planned)
+        return CommandResult(exp, planned, {})
+    if not any(p.action == SUBMIT for p in planned):
+        console.print(f"[green]nothing to submit[/]: every job of {exp.dir} is done or already queued")
+        return CommandResult(exp, planned, {})
+    prepare(exp, cfg)
+    if cfg.cluster.backend == "slurm":
+        from launch.slurm_backend import submit_planned
+
+        submitted = submit_planned(exp, cfg, planned, views)
+        for name, job_id in submitted.items():
+            console.print(f"submitted [bold]{name}[/] as SLURM job {job_id}")
+        console.print(f"follow it with: python -m launch status {exp.dir}")
+        return CommandResult(exp, planned, submitted)
+    from launch.local_backend import run_planned
+
+    code = run_planned(exp, cfg, planned)
+    return CommandResult(exp, planned, {}, code)
+
+
+def show_plan(console: Console, exp: Experiment, cfg: LaunchConfig, planned: list[PlannedJob]) -> None:
+    table = Table(title=f"{cfg.name} -> {exp.dir} ({cfg.cluster.backend})", title_justify="left")
+    for column in ("job", "task", "after", "action", "why"):
+        table.add_column(column)
+    for p in planned:
+        colour = {"submit": "yellow", "keep": "cyan", "done": "green"}[p.action]
+        table.add_row(p.node.name, p.node.task, ",".join(p.node.depends_on), f"[{colour}]{p.action}[/]", p.why)
+    console.print(table)
+
+
+def show_dry_run(console: Console, exp: Experiment, cfg: LaunchConfig, planned: list[PlannedJob]) -> None:
+    """Print the DAG and, for SLURM, every batch script with the sbatch line that would submit it."""
+    console.print("[bold]DAG[/]")
+    console.print(render_dag([p.node for p in planned]))
+    if cfg.cluster.backend != "slurm":
+        console.print("(local backend: jobs run one after the other on this machine)")
+        return
+    from launch.sbatch import render_script, sbatch_command
+
+    for p in planned:
+        if p.action != SUBMIT:
+            continue
+        after = [f"<{d} job id>" for d in p.after]
+        command = " ".join(sbatch_command(exp.sbatch_script(p.node.name), after))
+        console.rule(f"{p.node.name}: {command}")
+        console.print(Syntax(render_script(p.node, cfg.cluster, exp), "bash", word_wrap=True))
