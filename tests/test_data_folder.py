@@ -8,7 +8,9 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
 
 from extrema.data import ImageFolderDataset, split_root
 from tests.image_data import random_image, write_bad_file, write_image_folder
@@ -173,3 +175,22 @@ def test_all_files_unreadable_is_an_error_not_a_loop(tmp_path):
     ds = ImageFolderDataset(tmp_path / "d", cache_dir=tmp_path / "cache")
     with pytest.raises(RuntimeError, match="unreadable"):
         ds.load(0)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "BMP"])
+def test_tensor_decoding_gives_the_pil_pixels(tmp_path, fmt):
+    # JPEG and PNG go through torchvision's decoders, BMP falls back to PIL: the pixels are the same.
+    write_image_folder(tmp_path / "d", num_classes=1, per_class=3, size=(20, 28), fmt=fmt)
+    ds = ImageFolderDataset(tmp_path / "d", cache_dir=tmp_path / "cache")
+    for i in range(len(ds)):
+        tensor = ds.load(i, as_tensor=True).image
+        assert tensor.dtype == torch.uint8 and tensor.shape == (3, 20, 28)
+        assert torch.equal(tensor, pil_to_tensor(ds.load(i).image))
+
+
+def test_tensor_decoding_skips_the_same_bad_files(tmp_path):
+    write_image_folder(tmp_path / "train", num_classes=3, per_class=2, corrupt=3)
+    ds = ImageFolderDataset(tmp_path / "train", cache_dir=tmp_path / "cache")
+    as_pil = [(s.index, s.skipped) for s in map(ds.load, range(len(ds)))]
+    as_tensor = [(s.index, s.skipped) for s in (ds.load(i, as_tensor=True) for i in range(len(ds)))]
+    assert as_tensor == as_pil and sum(k for _, k in as_pil) == 3

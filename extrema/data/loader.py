@@ -53,9 +53,10 @@ class EpochKeySampler(Sampler[SampleKey]):
 class SeededSamples(Dataset):
     """dataset[SampleKey] -> per-sample dict, with the dataset's transform seeded from (seed, epoch, index).
 
-    `dataset` needs `load(index) -> LoadedSample` and a `transform` (as `ImageFolderDataset` has). A transform
-    with `accepts_generator = True` gets a seeded torch.Generator; any other (timm, torchvision) runs with
-    the global RNGs seeded for the sample and restored afterwards.
+    `dataset` needs `load(index, as_tensor) -> LoadedSample` and a `transform` (as `ImageFolderDataset` has).
+    A transform with `accepts_generator = True` gets a seeded torch.Generator; any other (timm, torchvision)
+    runs with the global RNGs seeded for the sample and restored afterwards. A transform with
+    `takes_tensor = True` gets a uint8 (3, H, W) tensor instead of a PIL image.
     """
 
     def __init__(self, dataset: Any, seed: int) -> None:
@@ -70,9 +71,10 @@ class SeededSamples(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: SampleKey) -> dict:
-        loaded = self.dataset.load(key.index)
-        seed = sample_seed(self.seed, key.epoch, key.index)
         transform = self.dataset.transform
+        takes_tensor = getattr(transform, "takes_tensor", False)
+        loaded = self.dataset.load(key.index, as_tensor=True) if takes_tensor else self.dataset.load(key.index)
+        seed = sample_seed(self.seed, key.epoch, key.index)
         if getattr(transform, "accepts_generator", False):
             image = transform(loaded.image, torch.Generator().manual_seed(seed))
         else:
