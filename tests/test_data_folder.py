@@ -194,3 +194,14 @@ def test_tensor_decoding_skips_the_same_bad_files(tmp_path):
     as_pil = [(s.index, s.skipped) for s in map(ds.load, range(len(ds)))]
     as_tensor = [(s.index, s.skipped) for s in (ds.load(i, as_tensor=True) for i in range(len(ds)))]
     assert as_tensor == as_pil and sum(k for _, k in as_pil) == 3
+
+
+def test_file_names_that_are_not_utf8_survive_the_cache(tmp_path):
+    write_image_folder(tmp_path / "d", num_classes=1, per_class=1)
+    odd = tmp_path / "d/class_00" / os.fsdecode(b"caf\xe9.jpg")  # Latin-1 bytes, as old archives have
+    random_image(np.random.default_rng(2), (12, 12)).save(odd, format="JPEG")
+    for _ in range(2):  # scan, then cache
+        ds = ImageFolderDataset(tmp_path / "d", cache_dir=tmp_path / "cache")
+        assert str(odd) in [p for p, _ in ds.samples]
+        assert [ds.load(i).skipped for i in range(len(ds))] == [0, 0]
+    assert ds.loaded_from_cache

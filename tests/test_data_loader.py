@@ -86,17 +86,18 @@ def test_resumed_mid_epoch_gives_bit_identical_batches(folder, mode, workers):
     _assert_same(before + after, straight)
 
 
-def test_resume_at_an_epoch_boundary_and_continuing_a_cut_pass(folder):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_at_an_epoch_boundary_and_continuing_a_cut_pass(folder, workers):
     transform = make_pretrain_transform("spatial", 16)
     straight = _run(_loader(folder, transform, workers=0), epochs=[0, 1, 2])
-    loader = _loader(folder, transform, workers=0)
+    loader = _loader(folder, transform, workers=workers)
     head = _run(loader, epochs=[0])  # a whole epoch
     state = loader.state_dict()
     assert state["position"] == 20 // BATCH * BATCH
-    resumed = _loader(folder, transform, workers=0)
+    resumed = _loader(folder, transform, workers=workers)
     resumed.load_state_dict(state)
     middle = _run(resumed, epochs=[0, 1], stop_after=2)  # epoch 0 has nothing left
-    tail = _run(resumed, epochs=[1, 2])  # the same loader continues the cut pass of epoch 1
+    tail = _run(resumed, epochs=[1, 2])  # the same loader continues the cut pass (prefetched batches dropped)
     _assert_same(head + middle + tail, straight)
 
 

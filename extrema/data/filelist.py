@@ -42,7 +42,7 @@ class FileList:
     classes: tuple[str, ...]
     """Class folder names, sorted; label i is classes[i]."""
     blob: np.ndarray
-    """uint8 (total_bytes,): UTF-8 paths relative to the root, concatenated."""
+    """uint8 (total_bytes,): paths relative to the root (file-system encoding), concatenated."""
     offsets: np.ndarray
     """int64 (num_files + 1,): path i is blob[offsets[i]:offsets[i + 1]]."""
     labels: np.ndarray
@@ -55,7 +55,7 @@ class FileList:
 
     def relpath(self, index: int) -> str:
         """Path of file `index` relative to the root."""
-        return bytes(self.blob[self.offsets[index] : self.offsets[index + 1]]).decode("utf-8")
+        return os.fsdecode(bytes(self.blob[self.offsets[index] : self.offsets[index + 1]]))
 
 
 def default_cache_dir() -> Path:
@@ -124,7 +124,7 @@ def scan(root: Path, extensions: tuple[str, ...]) -> FileList:
         found = sorted(_walk_images(root, name, extensions, dir_mtimes))
         if not found:
             empty.append(name)
-        paths.extend(p.encode("utf-8") for p in found)
+        paths.extend(os.fsencode(p) for p in found)
         labels.extend([label] * len(found))
     if empty:
         raise ValueError(
