@@ -95,7 +95,9 @@ class PretrainTrainer:
     def _wrap(self, model: ExtremaModel) -> torch.nn.Module:
         net: torch.nn.Module = model
         if self.cfg.compile:
-            model.base_encoder = torch.compile(model.base_encoder)
+            # In place (Module.compile): parameter names and checkpoint keys stay the same.
+            model.base_encoder.compile()
+            model.momentum_encoder.compile()
         if is_distributed():
             # Only student parameters need gradients; the constant position table needs no broadcast.
             net = DistributedDataParallel(model, broadcast_buffers=False)
@@ -141,9 +143,8 @@ class PretrainTrainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.student_parameters(), self.cfg.optim.clip_grad)
         elif (self.step + 1) % self.cfg.run.log_every_steps == 0:
             self.scaler.unscale_(self.optimizer)  # only on logged steps: keeps the norm off the hot path
-            grad_norm = torch.linalg.vector_norm(
-                torch.stack(torch._foreach_norm([p.grad for p in self.model.student_parameters() if p.grad is not None]))
-            )
+            grads = [p.grad for p in self.model.student_parameters() if p.grad is not None]
+            grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.model.update_teacher(sched["momentum"])
@@ -158,7 +159,8 @@ class PretrainTrainer:
 
     def _draw_masks(self, batch: int) -> torch.Tensor:
         m = self.cfg.mask
-        return sample_masks(batch, self.model.base_encoder.num_tokens, m.ratio, m.num_masks, self.mask_generator, m.disjoint)
+        num_tokens = self.model.base_encoder.num_tokens
+        return sample_masks(batch, num_tokens, m.ratio, m.num_masks, self.mask_generator, m.disjoint)
 
     # ---- the loop -----------------------------------------------------------------------------------
     def fit(self, stop_requested: StopRequested | None = None) -> FitResult:
