@@ -10,7 +10,6 @@ import logging
 from dataclasses import dataclass
 
 from rich.console import Console
-from rich.syntax import Syntax
 from rich.table import Table
 
 from launch.compose import load_launch_config
@@ -92,9 +91,9 @@ def show_plan(console: Console, exp: Experiment, cfg: LaunchConfig, planned: lis
 def show_dry_run(console: Console, exp: Experiment, cfg: LaunchConfig, planned: list[PlannedJob]) -> None:
     """Print the DAG and, for SLURM, every batch script with the sbatch line that would submit it."""
     console.print("[bold]DAG[/]")
-    console.print(render_dag([p.node for p in planned]))
+    console.out(render_dag([p.node for p in planned]), highlight=False)
     if cfg.cluster.backend != "slurm":
-        console.print("(local backend: jobs run one after the other on this machine)")
+        console.print("(local backend: the jobs run one after the other on this machine)")
         return
     from launch.sbatch import render_script, sbatch_command
 
@@ -102,6 +101,5 @@ def show_dry_run(console: Console, exp: Experiment, cfg: LaunchConfig, planned: 
         if p.action != SUBMIT:
             continue
         after = [f"<{d} job id>" for d in p.after]
-        command = " ".join(sbatch_command(exp.sbatch_script(p.node.name), after))
-        console.rule(f"{p.node.name}: {command}")
-        console.print(Syntax(render_script(p.node, cfg.cluster, exp), "bash", word_wrap=True))
+        console.out(f"\n# ---- {p.node.name}: " + " ".join(sbatch_command(exp.sbatch_script(p.node.name), after)))
+        console.out(render_script(p.node, cfg.cluster, exp), highlight=False, end="")

@@ -1,0 +1,193 @@
+"""Configs: the published presets equal the published commands, every cluster knob reaches the batch
+script, and every kind of bad input fails before anything is queued, with a message naming it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from extrema.checkpoint import FORMAT, atomic_save
+from extrema.models.siamese import create_model
+from launch.compose import ConfigError, load_launch_config
+from launch.experiment import Experiment, ExperimentConflict, prepare
+from launch.sbatch import render_script
+from launch.submit import plan_command, run_command
+from launch.validate import ValidationError
+from tests.launch_fixtures import make_dataset, run_launch, tiny_overrides
+
+PRESETS = ("vitb_80x5", "vitb_80x5_color", "vitb_90x8_color", "vitb_in22k_30ep_color")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_equal_the_published_command(preset: str) -> None:
+    cfg = load_launch_config([f"experiment={preset}"])
+    p = cfg.pretrain
+    # The published recipe (shared by all four models).
+    assert (p.model.arch, p.model.img_size, p.model.patch_size) == ("vit_base", 224, 16)
+    assert (p.model.drop_path_rate, p.model.layer_scale_init, p.model.class_attention_layers) == (0.1, 0.1, 2)
+    assert (p.model.proj_dim, p.model.mlp_dim) == (256, 4096)
+    assert (p.optim.batch_size, p.optim.base_lr, p.optim.beta1, p.optim.beta2, p.optim.eps) == (
+        2048, 1.5e-4, 0.9, 0.95, 1e-8,
+    )  # fmt: skip
+    assert (p.optim.weight_decay, p.optim.weight_decay_end, p.optim.min_lr) == (0.1, 0.1, 0.0)
+    assert (p.momentum, p.loss, p.run.seed, p.run.precision) == (0.996, "byol", 0, "fp16")
+    assert p.mask.disjoint
+    # What tells the four apart.
+    expected = {
+        "vitb_80x5": ("spatial", 0.8, 5, 300, 40, "imagenet-1k"),
+        "vitb_80x5_color": ("color", 0.8, 5, 300, 40, "imagenet-1k"),
+        "vitb_90x8_color": ("color", 0.9, 8, 300, 40, "imagenet-1k"),
+        "vitb_in22k_30ep_color": ("color", 0.8, 5, 30, 4, "imagenet-22k"),
+    }[preset]
+    got = (p.augmentation, p.mask.ratio, p.mask.num_masks, p.optim.epochs, p.optim.warmup_epochs, p.data.name)
+    assert got == expected
+    # Evaluations: the reference protocols, on ImageNet-1K, with the pretrained encoder's geometry.
+    assert cfg.linprobe.data.name == cfg.finetune.data.name == "imagenet-1k"
+    assert (cfg.linprobe.batch_size, cfg.linprobe.epochs, cfg.linprobe.base_lr) == (4096, 90, 0.1)
+    assert (cfg.finetune.batch_size, cfg.finetune.layer_decay, cfg.finetune.model.drop_path_rate) == (1024, 0.65, 0.2)
+    for task in (cfg.linprobe, cfg.fastprobe, cfg.finetune):
+        assert (task.model.arch, task.model.patch_size, task.model.img_size) == ("vit_base", 16, 224)
+
+
+def test_every_cluster_knob_reaches_the_batch_script(tmp_path: Path) -> None:
+    overrides = [
+        "experiment=vitb_80x5_color",
+        f"root={tmp_path}",
+        "cluster=slurm",
+        "cluster.partition=gpu",
+        "cluster.account=vision",
+        "cluster.qos=high",
+        "cluster.nodes=4",
+        "cluster.tasks_per_node=8",
+        "cluster.gpus_per_node=8",
+        "cluster.cpus_per_task=10",
+        "cluster.mem=480G",
+        "cluster.time_limit_min=1440",
+        "cluster.constraint=h100",
+        "cluster.signal_delay_s=180",
+        "cluster.max_requeues=7",
+        "cluster.max_timeouts=3",
+        "+cluster.sbatch_extra.exclusive=",
+        "+cluster.sbatch_extra.mail-type=FAIL",
+        "cluster.setup=[module load cuda]",
+    ]
+    cfg = load_launch_config(overrides)
+    from launch.dag import build_dag
+
+    exp = Experiment.of(cfg)
+    script = render_script(build_dag(cfg, "pretrain", exp)[0], cfg.cluster, exp)
+    for line in (
+        "#SBATCH --partition=gpu", "#SBATCH --account=vision", "#SBATCH --qos=high", "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8", "#SBATCH --cpus-per-task=10",
+        "#SBATCH --mem=480G", "#SBATCH --time=1440", "#SBATCH --constraint=h100", "#SBATCH --signal=USR2@180",
+        "#SBATCH --exclusive", "#SBATCH --mail-type=FAIL", "#SBATCH --requeue", "module load cuda",
+    ):  # fmt: skip
+        assert line in script.splitlines(), f"{line!r} missing from:\n{script}"
+    assert "--max-requeues 7 --max-timeouts 3 --signal-delay-s 180" in script
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["experiment=vitb_80x5_colour"], "known experiment presets: tiny, vitb_80x5"),
+        (["cluster=slurmm"], "known cluster configs: local, slurm"),
+        (["pretrain.mask.ratioo=0.9"], "Key 'ratioo' not in 'MaskConfig'"),
+        (["+pretrain.mask.ratioo=0.9"], "Key 'ratioo' not in 'MaskConfig'"),
+        (["pretrain.optim.batch_size=big"], "Value 'big' of type 'str' could not be converted to Integer"),
+        (["cluster.nodes=two"], "could not be converted to Integer"),
+        (["pretrain.mask.ratio=1.0"], "mask ratio 1.0 must be in [0, 1)"),
+        (["pretrain.mask.num_masks=6"], "6"),  # 6 disjoint masks of 12 tokens need 72 > 64 tokens
+        (["pretrain.mask.ratio=0.99"], "0.99"),  # keeps 0 of 64 tokens
+        (["cluster.backend=pbs"], "cluster.backend='pbs' is not valid"),
+        (["pipeline.evaluations=[linprobe,knn]"], "pipeline.evaluations[]='knn' is not valid"),
+    ],
+)
+def test_bad_config_values_fail_with_a_message_that_names_them(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_launch_config(["experiment=tiny", *overrides])
+    assert message in str(err.value)
+
+
+def test_batch_not_divisible_by_ranks(data: Path, tmp_path: Path) -> None:
+    cfg = load_launch_config(tiny_overrides(data, tmp_path, "cluster.tasks_per_node=3"))
+    with pytest.raises(ValidationError, match=r"pretrain.optim.batch_size=8 is not divisible by the job's 3 ranks"):
+        plan_command("pretrain", cfg)
+
+
+@pytest.mark.parametrize("layout", ["missing", "no_val", "empty_classes"])
+def test_data_folder_must_have_train_and_val_with_images(tmp_path: Path, layout: str) -> None:
+    root = tmp_path / "data"
+    if layout != "missing":
+        (root / "train" / "cat").mkdir(parents=True)
+        (root / "train" / "cat" / "a.jpg").write_bytes(b"not checked here")
+    if layout == "empty_classes":
+        (root / "val" / "cat").mkdir(parents=True)
+    cfg = load_launch_config(tiny_overrides(root, tmp_path / "exps"))
+    expected = {"missing": "does not exist", "no_val": "has no val/ folder", "empty_classes": "hold no image files"}
+    with pytest.raises(ValidationError) as err:
+        plan_command("pipeline", cfg)
+    assert expected[layout] in str(err.value) and "train/<class>/<images>" in str(err.value)
+
+
+def test_output_folder_of_another_config_is_refused(data: Path, tmp_path: Path) -> None:
+    cfg = load_launch_config(tiny_overrides(data, tmp_path))
+    prepare(Experiment.of(cfg), cfg)  # as a first command would
+    changed = load_launch_config(tiny_overrides(data, tmp_path, "pretrain.mask.ratio=0.85"))
+    with pytest.raises(ExperimentConflict) as err:
+        plan_command("pipeline", changed)
+    assert "pretrain.mask.ratio: 0.8 -> 0.85" in str(err.value) and "name=tiny_v2" in str(err.value)
+    # Where and how it runs is not part of the experiment: another cluster size is the same experiment.
+    plan_command("pipeline", load_launch_config(tiny_overrides(data, tmp_path, "cluster.cpus_per_task=1")))
+
+
+def _write_pretrain_checkpoint(path: Path, arch: str) -> Path:
+    model = create_model(arch, img_size=32, patch_size=4, mlp_dim=64, proj_dim=32)
+    atomic_save({"format": FORMAT, "kind": "pretrain", "arch": arch, "model": model.state_dict(), "step": 1}, path)
+    return path
+
+
+def test_checkpoint_of_another_architecture_is_refused(data: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    micro = _write_pretrain_checkpoint(tmp_path / "micro.pt", "vit_micro")
+    cfg = load_launch_config(tiny_overrides(data, tmp_path / "exps", f"linprobe.checkpoint={micro}"))
+    with pytest.raises(ValidationError) as err:
+        plan_command("linprobe", cfg)
+    assert "arch='vit_micro' (config: 'vit_nano')" in str(err.value)
+    nano = _write_pretrain_checkpoint(tmp_path / "nano.pt", "vit_nano")
+    plan_command("linprobe", load_launch_config(tiny_overrides(data, tmp_path / "exps", f"linprobe.checkpoint={nano}")))
+    cfg = load_launch_config(tiny_overrides(data, tmp_path / "exps2", f"pretrain.init_from={micro}"))
+    with pytest.raises(ValidationError, match="pretrain.init_from=.* holds another architecture"):
+        plan_command("pretrain", cfg)
+
+
+def test_standalone_evaluation_needs_a_checkpoint(data: Path, tmp_path: Path) -> None:
+    cfg = load_launch_config(tiny_overrides(data, tmp_path))
+    with pytest.raises(ValidationError, match="has no checkpoint yet: run `pipeline`"):
+        plan_command("finetune", cfg)
+
+
+def test_dry_run_prints_dag_and_scripts_and_writes_nothing(data: Path, tmp_path: Path, capsys) -> None:
+    from rich.console import Console
+
+    from tests.launch_fixtures import slurm_overrides
+
+    result = run_command("pipeline", tiny_overrides(data, tmp_path, *slurm_overrides(2)), True, Console(width=200))
+    out = capsys.readouterr().out
+    assert result.submitted == {} and not (tmp_path / "tiny").exists()
+    assert "linprobe (linprobe, 1 node(s), 10 min)  [afterok: pretrain]" in out
+    assert "sbatch --parsable --dependency=afterok:<pretrain job id>" in out
+    assert out.count("#!/bin/bash") == 4 and "jobs.run pretrain" in out and "#SBATCH --nodes=2" in out
+
+
+def test_cli_reports_bad_input_without_a_traceback(data: Path, tmp_path: Path) -> None:
+    proc = run_launch(["pipeline", *tiny_overrides(data, tmp_path, "pretrain.optim.batch_size=9", "cluster.nodes=2")])
+    assert proc.returncode == 2, proc.stderr
+    assert "error:" in proc.stdout and "not divisible by the job's 2 ranks" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
