@@ -1,0 +1,51 @@
+"""`python -m benchmarks` (= `make bench`): run the suite, write bench-results/*.jsonl and summary.md.
+
+python -m benchmarks                       # the full suite (~5-8 min on a quiet 2-core CPU)
+python -m benchmarks --quick               # vit_small only, fewer repeats (smoke run of the real sizes)
+python -m benchmarks --tiny                # vit_nano at 32 px: plumbing check in seconds
+python -m benchmarks --only pretrain_step --only matmul
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+from benchmarks.suite import BENCHMARKS, PROFILES, run_suite
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="vit_small only, fewer repeats")
+    size.add_argument("--tiny", action="store_true", help="vit_nano at 32 px (plumbing check; numbers meaningless)")
+    p.add_argument("--only", action="append", choices=BENCHMARKS, help="run only these benchmarks (repeatable)")
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="results folder (default: bench-results)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for the CPU steps (default: all cores)")
+    p.add_argument("--scratch-dir", default=None, help="where checkpoints are written (default: system temp)")
+    p.add_argument("--compile", action="store_true", help="also time the CPU steps with torch.compile")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    profile = "tiny" if args.tiny else "quick" if args.quick else "full"
+    cfg = PROFILES[profile](args.threads)
+    cfg.scratch_dir = args.scratch_dir
+    if args.compile:
+        cfg.step_cases += [dataclasses.replace(c, compile=True) for c in cfg.step_cases if c.device == "cpu"]
+    command = "python -m benchmarks " + shlex.join(argv)
+    summary = run_suite(cfg, args.out, set(args.only) if args.only else None, command.strip())
+    print(summary.read_text())
+    print(f"\nresults: {args.out}/*.jsonl, summary: {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
