@@ -173,7 +173,7 @@ def run(
             results["reference"] = _time_per_image(lambda i: reference(paths[i]), num_images, repeats)
             results["color_cpu"] = _time_per_image(lambda i: color_samples[SampleKey(0, i)], num_images, repeats)
             results["crop_only"] = _time_per_image(crop_batchwise, num_images, repeats)
-            results["decode_only"] = _time_per_image(lambda i: crop_only.load(i), num_images, repeats)
+            results["decode_only"] = _time_per_image(lambda i: crop_only.load(i, as_tensor=True), num_images, repeats)
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
         results["device_colour"] = [_device_colour_cost(image_size, device_batch, d, repeats) for d in devices]
         results["speedup_crop_only_vs_reference"] = results["reference"]["cpu_ms"] / results["crop_only"]["cpu_ms"]

@@ -155,26 +155,22 @@ def rgb_to_luma(images: torch.Tensor) -> torch.Tensor:
 
 
 def shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue of (N, 3, H, W) images in [0, 1] by `shift` (N,) turns, through HSV."""
+    """Rotate the hue of (N, 3, H, W) images in [0, 1] by `shift` (N,) turns (HSV hue + shift, mod 1)."""
     r, g, b = images.unbind(dim=-3)  # each (N, H, W)
     value = torch.maximum(torch.maximum(r, g), b)
     chroma = value - torch.minimum(torch.minimum(r, g), b)
-    saturation = chroma / torch.where(value > 0, value, torch.ones_like(value))
-    safe_chroma = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    # Hue in sixths of a turn, from the channel that holds the maximum (red wins ties, then green).
-    hue6 = torch.where(
-        value == r,
-        (g - b) / safe_chroma,
-        torch.where(value == g, (b - r) / safe_chroma + 2.0, (r - g) / safe_chroma + 4.0),
-    )
-    hue = torch.remainder(hue6 / 6.0 + shift.view(-1, 1, 1), 1.0)
-    # HSV -> RGB without branches: channel n (5 = red, 3 = green, 1 = blue) loses chroma * ramp(k).
-    sixths = hue.unsqueeze(-3) * 6.0  # (N, 1, H, W)
+    # Hue in sixths of a turn, from the channel holding the maximum (red wins ties, then green).
+    red_max, green_max = value == r, value == g
+    numerator = torch.where(red_max, g - b, torch.where(green_max, b - r, r - g))
+    offset = torch.where(red_max, 0.0, torch.where(green_max, 2.0, 4.0))
+    hue6 = numerator / torch.where(chroma > 0, chroma, torch.ones_like(chroma)) + offset
+    hue6 = torch.remainder(hue6 + 6.0 * shift.view(-1, 1, 1), 6.0).unsqueeze(-3)  # (N, 1, H, W) in [0, 6)
+    # HSV -> RGB without branches: channel n (5 = red, 3 = green, 1 = blue) is value - chroma * ramp(k), with
+    # k = (n + hue6) mod 6 and ramp = clamp(min(k, 4 - k), 0, 1); saturation * value is the chroma itself.
     n = torch.tensor([5.0, 3.0, 1.0], device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    k = torch.remainder(n + sixths, 6.0)
-    ramp = torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
-    value, saturation = value.unsqueeze(-3), saturation.unsqueeze(-3)
-    return value - value * saturation * ramp
+    k = torch.remainder(hue6 + n, 6.0)
+    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return value.unsqueeze(-3) - chroma.unsqueeze(-3) * ramp
 
 
 def color_augment(images: torch.Tensor, params: ColorAugmentParams) -> torch.Tensor:
@@ -196,7 +192,8 @@ def color_augment(images: torch.Tensor, params: ColorAugmentParams) -> torch.Ten
         blends = params.apply_jitter & (op != HUE)
         factor = params.factors.gather(1, op.unsqueeze(1)).squeeze(1)
         f = torch.where(blends, factor, torch.ones_like(factor)).view(bcast)
-        x = (f * x + (1.0 - f) * ref).clamp(0.0, 1.0)
+        # One fused pass over x: ref * (1 - f) + x * f (1 - f is exact for f in [0.5, 2], and f = 1 gives x).
+        x = torch.addcmul(ref * (1.0 - f), x, f).clamp_(0.0, 1.0)
         hue_rows = torch.nonzero(params.apply_jitter & (op == HUE)).squeeze(1)
         if hue_rows.numel():
             x = x.index_copy(0, hue_rows, shift_hue(x.index_select(0, hue_rows), params.factors[hue_rows, HUE]))
@@ -208,7 +205,7 @@ def normalize(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tor
     """(x - mean) / std per channel of (B, 3, H, W)."""
     mean_t = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     std_t = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    return (images - mean_t) / std_t
+    return images.sub(mean_t).div_(std_t)
 
 
 def color_views(
