@@ -205,3 +205,15 @@ def test_file_names_that_are_not_utf8_survive_the_cache(tmp_path):
         assert str(odd) in [p for p, _ in ds.samples]
         assert [ds.load(i).skipped for i in range(len(ds))] == [0, 0]
     assert ds.loaded_from_cache
+
+
+def test_16_bit_and_cmyk_files_still_give_uint8_rgb(tmp_path):
+    root = tmp_path / "d/c"
+    root.mkdir(parents=True)
+    Image.fromarray((np.arange(20 * 30).reshape(20, 30) * 100).astype(np.uint16)).save(root / "deep.png")
+    random_image(np.random.default_rng(0), (10, 12)).convert("CMYK").save(root / "print.jpg")
+    ds = ImageFolderDataset(tmp_path / "d", cache_dir=tmp_path / "cache")
+    for i in range(len(ds)):
+        loaded = ds.load(i, as_tensor=True)
+        assert loaded.skipped == 0 and loaded.image.dtype == torch.uint8 and loaded.image.shape[0] == 3
+        assert ds.load(i).image.mode == "RGB"

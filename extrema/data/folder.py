@@ -69,7 +69,9 @@ def decode_image_tensor(path: str | os.PathLike) -> torch.Tensor:
     decoder = _torchvision_decoder()
     if decoder is not None:
         try:
-            return decoder(path)
+            image = decoder(path)
+            if image.dtype == torch.uint8 and image.shape[0] == 3:  # 16-bit PNGs decode to uint16: PIL maps them
+                return image
         except Exception:  # noqa: BLE001 - any decoder complaint: PIL decides whether the file is bad
             pass
     return pil_to_tensor(decode_image(path))
