@@ -275,7 +275,9 @@ class _Attempt:
         watch = _StepWatch(flag, trainer, self.progress_path, self.spec.step_pause_s)
         result = trainer.fit(watch)
         timing = self._timing(watch)
-        steps = {"end_step": result.step, "reached_step": watch.last_step, **timing}
+        # The last poll comes before the last step; a finished or saved attempt got to result.step.
+        reached = max(s for s in (watch.last_step, result.step) if s is not None)
+        steps = {"end_step": result.step, "reached_step": reached, **timing}
         if result.status == "finished":
             if self.progress_path is not None:
                 _write_progress(self.progress_path, result.step, getattr(trainer, "total_steps", None))

@@ -118,7 +118,9 @@ def job_view(entry: dict, slurm: dict[str, JobView]) -> JobView:
     job_id = entry.get("job_id")
     if entry.get("backend") == "slurm" and job_id in slurm:
         view = slurm[job_id]
-        if not view.alive and entry.get("reason"):
+        if view.state == DONE:
+            view.reason = ""  # accounting keeps the last pending reason (e.g. Dependency) of finished jobs
+        elif not view.alive and entry.get("reason"):
             # Why a job ended (our record: "dependency pretrain failed: ...") says more than SLURM's word.
             view.reason = entry["reason"]
         return view

@@ -118,6 +118,6 @@ def _run_submitit(exp: Experiment, spec: JobSpec, cluster: ClusterConfig, ranks:
                 file=sys.stderr,
             )
     try:
-        return job.result()
+        return job.results()[0]  # rank 0's outcome; every rank returns one
     except Exception as exc:  # submitit re-raises the job's exception as FailedJobError
         return JobOutcome("failed", "error", None, detail=str(exc).strip().splitlines()[-1] if str(exc) else repr(exc))

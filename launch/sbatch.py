@@ -108,4 +108,4 @@ def test_only(script: Path) -> None:
     result = run_tool(["sbatch", "--test-only", str(script)], check=False)
     if result.returncode != 0:
         message = (result.stderr or result.stdout).strip()
-        raise SlurmError(f"sbatch rejects the job script {script.name}: {message}")
+        raise SlurmError(f"sbatch rejects the {script.stem} job: {message}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
+from pathlib import Path
 
 from jobs.manifest import now_iso
 from jobs.slurm_cli import cancel
@@ -17,6 +19,17 @@ from launch.schema import LaunchConfig
 log = logging.getLogger(__name__)
 
 
+def check_with_sbatch(exp: Experiment, cfg: LaunchConfig, planned: list[PlannedJob]) -> None:
+    """Ask sbatch (`--test-only`) about every script before anything is written or submitted, so that a
+    partition, account or resource request SLURM rejects fails the command with sbatch's own message."""
+    with tempfile.TemporaryDirectory(prefix="extrema-sbatch-") as tmp:
+        for p in planned:
+            if p.action == SUBMIT:
+                path = Path(tmp) / f"{p.node.name}.sbatch"
+                path.write_text(render_script(p.node, cfg.cluster, exp))
+                test_only(path)
+
+
 def submit_planned(exp: Experiment, cfg: LaunchConfig, planned: list[PlannedJob], views: dict[str, JobView]) -> dict:
     """Submit every job whose action is `submit`; returns {job name: job id} of what was submitted."""
     to_submit = [p for p in planned if p.action == SUBMIT]
@@ -26,10 +39,6 @@ def submit_planned(exp: Experiment, cfg: LaunchConfig, planned: list[PlannedJob]
         path = exp.sbatch_script(p.node.name)
         path.write_text(render_script(p.node, cfg.cluster, exp))
         scripts[p.node.name] = path
-    # Ask SLURM about every script before submitting any, so that a rejected partition or account
-    # leaves nothing half-submitted.
-    for path in scripts.values():
-        test_only(path)
     entries = exp.manifest.read().get("jobs", {})
     ids = {name: e.get("job_id") for name, e in entries.items()}
     submitted = {}

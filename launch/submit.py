@@ -63,10 +63,11 @@ def run_with_config(command: str, cfg: LaunchConfig, dry_run: bool, console: Con
     if not any(p.action == SUBMIT for p in planned):
         console.print(f"[green]nothing to submit[/]: every job of {exp.dir} is done or already queued")
         return CommandResult(exp, planned, {})
-    prepare(exp, cfg)
     if cfg.cluster.backend == "slurm":
-        from launch.slurm_backend import submit_planned
+        from launch.slurm_backend import check_with_sbatch, submit_planned
 
+        check_with_sbatch(exp, cfg, planned)
+        prepare(exp, cfg)
         submitted = submit_planned(exp, cfg, planned, views)
         for name, job_id in submitted.items():
             console.print(f"submitted [bold]{name}[/] as SLURM job {job_id}")
@@ -74,6 +75,7 @@ def run_with_config(command: str, cfg: LaunchConfig, dry_run: bool, console: Con
         return CommandResult(exp, planned, submitted)
     from launch.local_backend import run_planned
 
+    prepare(exp, cfg)
     code = run_planned(exp, cfg, planned)
     return CommandResult(exp, planned, {}, code)
 

@@ -1,0 +1,117 @@
+"""The launcher on the real loopback SLURM cluster: a 2-node pipeline with afterok evaluations and its
+results table, idempotent re-runs, a failing job and its cancelled dependents, a rejected partition."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from jobs.manifest import Manifest
+from jobs.slurm_cli import SlurmError
+from launch.progress import read_final_metrics
+from launch.results import collate, to_markdown
+from launch.status import collect
+from launch.submit import run_command
+from tests.launch_fixtures import make_dataset, run_launch, slurm_overrides, tiny_overrides
+from tests.slurm_helpers import SlurmCluster
+
+pytestmark = pytest.mark.slurm
+
+EVALUATIONS = ("linprobe", "fastprobe", "finetune")
+
+
+@pytest.fixture
+def slurm_env(slurm_cluster: SlurmCluster, monkeypatch) -> SlurmCluster:
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
+    return slurm_cluster
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data"))
+
+
+def _console() -> Console:
+    return Console(width=200, quiet=True)  # the tests read the manifest and SLURM, not the printed tables
+
+
+def test_two_node_pipeline_runs_evaluations_after_pretraining(slurm_env: SlurmCluster, data: Path, tmp_path: Path):
+    overrides = tiny_overrides(data, tmp_path, *slurm_overrides(nodes=2))
+    ids = run_command("pipeline", overrides, console=_console()).submitted
+    assert set(ids) == {"pretrain", *EVALUATIONS}
+    for name in EVALUATIONS:
+        assert slurm_env.show_job(int(ids[name]))["Dependency"].startswith(f"afterok:{ids['pretrain']}")
+    for name in ("pretrain", *EVALUATIONS):
+        assert slurm_env.wait_until_done(int(ids[name]), timeout=300) == "COMPLETED", slurm_env.describe(int(ids[name]))
+
+    exp = tmp_path / "tiny"
+    pretrain_rows = slurm_env.sacct_rows(int(ids["pretrain"]), ("JobID", "State", "Start", "End", "NodeList"))
+    assert [r["State"] for r in pretrain_rows] == ["COMPLETED"] and pretrain_rows[0]["NodeList"] == "node[1-2]"
+    attempt = Manifest(exp).job("pretrain")["attempts"][0]
+    assert attempt["world_size"] == 2 and attempt["cause"] == "finished"
+    pretrain_end = datetime.fromisoformat(pretrain_rows[0]["End"])
+    for name in EVALUATIONS:
+        (row,) = slurm_env.sacct_rows(int(ids[name]), ("JobID", "State", "Start"))
+        assert datetime.fromisoformat(row["Start"]) >= pretrain_end, (name, row, pretrain_rows)
+
+    # The results table holds exactly the numbers of the metrics files.
+    (result,) = collate(tmp_path)
+    linear = read_final_metrics(exp / "linprobe")["results"]["top1"]
+    finetune = read_final_metrics(exp / "finetune")["results"]["top1"]
+    fast = read_final_metrics(exp / "fastprobe")["results"]
+    assert (result.linear, result.finetune, result.fast_probe, result.knn) == (
+        linear, finetune, fast["top1"], fast["knn"]["top1"],
+    )  # fmt: skip
+    assert (result.name, result.pretrain_data, result.epochs, result.masking, result.color_aug) == (
+        "vit_nano", "tiny", 2, "80%x5", "yes",
+    )  # fmt: skip
+    assert result.requeues == 0 and result.wall_time_s > 0
+    proc = run_launch(["results", str(tmp_path)], env=slurm_env.env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "results.md").read_text() == to_markdown([result])
+    assert f"| {linear:.1f} | {finetune:.1f} |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "results.csv").read_text().splitlines()[1].startswith("tiny,vit_nano,tiny,2,80%x5,yes,")
+
+    # Running the pipeline again on the finished experiment submits nothing.
+    again = run_command("pipeline", overrides, console=_console())
+    assert again.submitted == {} and {p.action for p in again.planned} == {"done"}
+
+
+def test_failed_job_is_not_requeued_and_its_dependents_are_cancelled(slurm_env: SlurmCluster, data: Path, tmp_path):
+    doomed = shutil.copytree(data, tmp_path / "data")
+    overrides = tiny_overrides(doomed, tmp_path / "exps", *slurm_overrides(nodes=1))
+    ids = run_command("pipeline", overrides, console=_console()).submitted
+    shutil.rmtree(doomed / "train")  # a real error on the node: the data folder vanished after submission
+    assert slurm_env.wait_until_done(int(ids["pretrain"]), timeout=180) == "FAILED"
+    for name in EVALUATIONS:
+        assert slurm_env.wait_until_done(int(ids[name]), timeout=60) == "CANCELLED"
+    assert slurm_env.restart_count(int(ids["pretrain"])) == 0
+    assert len(slurm_env.sacct_rows(int(ids["pretrain"]))) == 1  # one run: not requeued
+
+    exp = tmp_path / "exps" / "tiny"
+    jobs = Manifest(exp).read()["jobs"]
+    assert jobs["pretrain"]["state"] == "FAILED" and "train" in jobs["pretrain"]["reason"]
+    statuses = {s.name: s for s in collect(exp)[0]}
+    for name in EVALUATIONS:
+        assert statuses[name].view.state == "CANCELLED"
+        assert statuses[name].view.reason.startswith("dependency pretrain failed:")
+
+    # With the data back, the same command submits the failed job and its dependents again.
+    shutil.copytree(data / "train", doomed / "train")
+    plan = run_command("pipeline", overrides, dry_run=True, console=_console()).planned
+    assert [(p.node.name, p.action) for p in plan] == [(n, "submit") for n in ("pretrain", *EVALUATIONS)]
+    assert "ended FAILED" in plan[0].why
+
+
+def test_partition_rejected_by_sbatch_is_reported_before_anything_is_queued(slurm_env, data: Path, tmp_path: Path):
+    overrides = tiny_overrides(data, tmp_path, *slurm_overrides(1, "cluster.partition=gpu_does_not_exist"))
+    before = slurm_env.run("squeue", "-h", "-o", "%i").stdout
+    with pytest.raises(SlurmError) as err:
+        run_command("pipeline", overrides, console=_console())
+    assert "Invalid partition name specified" in str(err.value) and "sbatch rejects the pretrain job" in str(err.value)
+    assert not (tmp_path / "tiny").exists()
+    assert slurm_env.run("squeue", "-h", "-o", "%i").stdout == before
