@@ -122,6 +122,8 @@ def test_unreadable_files_are_skipped_and_counted_across_workers(folder):
         skipped = {int(i) for b in batches for i, s in zip(b["index"], b["skipped"], strict=True) if s}
         assert skipped == bad
     assert loader.skipped_total == 4 and loader.state_dict()["skipped_total"] == 4
+    assert loader.state_dict()["position"] == 20  # the whole epoch, and a valid state to resume from
+    loader.load_state_dict(loader.state_dict())
 
 
 def _global_rng_states():

@@ -110,8 +110,8 @@ class ResumableLoader:
     @property
     def position(self) -> int:
         """Samples of this rank's epoch consumed so far."""
-        if self._pass_epoch == self.sampler.epoch:
-            return self._pass_start + self._consumed * self.batch_size
+        if self._pass_epoch == self.sampler.epoch:  # a short last batch (drop_last=False) ends the epoch
+            return min(self._pass_start + self._consumed * self.batch_size, self.sampler.samples_per_rank)
         return self.sampler.position
 
     @property
