@@ -81,7 +81,9 @@ def test_mixup_cutmix_in_training_and_never_in_evaluation(data, tmp_path):
     assert ((targets > off + 1e-6).sum(1) == 2).any()  # some rows mix two classes
 
     seen.clear()
+    rng_before = torch.get_rng_state()
     trainer.evaluate()
+    assert torch.equal(torch.get_rng_state(), rng_before)  # evaluating leaves the training's random stream alone
     assert seen and not any(training for training, _ in seen)
     val_images = torch.stack([trainer.splits.val[i][0] for i in range(len(trainer.splits.val))])
     assert torch.equal(torch.cat([x for _, x in seen]), val_images)  # exactly the un-mixed val images

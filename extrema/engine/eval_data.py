@@ -61,7 +61,10 @@ def val_batches(
 ) -> Iterator[tuple[Any, torch.Tensor]]:
     """This rank's share of val (every world_size-th image from its rank), in order, as (images, labels)."""
     shard = Subset(dataset, range(info.rank, len(dataset), info.world_size))
-    yield from DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    # Its own generator: a DataLoader iterator otherwise draws a seed from the global RNG, and evaluating
+    # would shift the training's random streams (drop-path, Mixup) and break an exact resume.
+    loader = DataLoader(shard, batch_size, shuffle=False, num_workers=num_workers, generator=torch.Generator())
+    yield from loader
 
 
 def sum_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:

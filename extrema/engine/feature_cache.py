@@ -129,6 +129,7 @@ class FeatureCache:
             shuffle=False,
             num_workers=num_workers,
             pin_memory=device.type == "cuda",
+            generator=torch.Generator(),  # leaves the global RNG alone
         )
         batches = iter(loader)
         row = first_row
