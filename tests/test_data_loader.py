@@ -122,8 +122,17 @@ def test_unreadable_files_are_skipped_and_counted_across_workers(folder):
         skipped = {int(i) for b in batches for i, s in zip(b["index"], b["skipped"], strict=True) if s}
         assert skipped == bad
     assert loader.skipped_total == 4 and loader.state_dict()["skipped_total"] == 4
-    assert loader.state_dict()["position"] == 20  # the whole epoch, and a valid state to resume from
-    loader.load_state_dict(loader.state_dict())
+
+
+def test_a_short_last_batch_ends_the_epoch(folder):
+    dataset = ImageFolderDataset(folder / "train", make_pretrain_transform("center", 16), cache_dir=folder / "cache")
+    loader = build_loader(dataset, 6, ResumableDistributedSampler(20, drop_last=False), 0, seed=0, drop_last=False)
+    assert [len(b["index"]) for b in loader] == [6, 6, 6, 2] and loader.steps_per_epoch == 4
+    state = loader.state_dict()
+    assert state["position"] == 20
+    resumed = build_loader(dataset, 6, ResumableDistributedSampler(20, drop_last=False), 0, seed=0, drop_last=False)
+    resumed.load_state_dict(state)
+    assert list(resumed) == []
 
 
 def _global_rng_states():
