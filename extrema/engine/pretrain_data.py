@@ -17,7 +17,7 @@ from extrema.data import (
     split_root,
     to_views,
 )
-from extrema.distributed import DistInfo
+from extrema.distributed import DistInfo, is_distributed
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,13 @@ class PretrainData:
         self, cfg: PretrainConfig, dist: DistInfo, batch_per_rank: int, device: torch.device, run_dir: Path
     ) -> None:
         transform = make_pretrain_transform(cfg.augmentation, cfg.model.img_size, cfg.color_on_device)
+        # Rank 0 scans the folder (minutes for 14M files on network storage) and writes the file-list
+        # cache; the other ranks wait, then read the cache instead of all scanning at once.
+        if is_distributed() and not dist.is_main:
+            torch.distributed.barrier()
         self.dataset = ImageFolderDataset(split_root(cfg.data.root, "train"), transform, cfg.data.cache_dir)
+        if is_distributed() and dist.is_main:
+            torch.distributed.barrier()
         sampler = ResumableDistributedSampler(
             len(self.dataset), dist.world_size, dist.rank, shuffle=True, seed=cfg.run.seed
         )
