@@ -28,6 +28,8 @@ class PretrainData:
     def __init__(
         self, cfg: PretrainConfig, dist: DistInfo, batch_per_rank: int, device: torch.device, run_dir: Path
     ) -> None:
+        if cfg.color_on_device and device.type == "cpu":
+            log.warning("color_on_device on a CPU is slower than the per-image CPU path; it pays on a GPU")
         transform = make_pretrain_transform(cfg.augmentation, cfg.model.img_size, cfg.color_on_device)
         # Rank 0 scans the folder (minutes for 14M files on network storage) and writes the file-list
         # cache; the other ranks wait, then read the cache instead of all scanning at once.
