@@ -74,6 +74,8 @@ def classify(
         return Interruption(TERMINATED, f"{first}; the controller did not answer")
     state = record.get("JobState", "")
     preempt_time = _parse_time(record.get("PreemptTime"))
+    if attempt_start is not None and attempt_start.tzinfo is not None:
+        attempt_start = attempt_start.astimezone().replace(tzinfo=None)  # SLURM prints naive local times
     if preempt_time is not None and (attempt_start is None or preempt_time >= attempt_start.replace(microsecond=0)):
         return Interruption(PREEMPTED, f"{first}; PreemptTime={record['PreemptTime']}")
     if state.startswith("CANCELLED"):

@@ -331,7 +331,7 @@ class _Attempt:
         # would start), so every cause that should come back is requeued here, by the job itself.
         self.end(cause, detail, "REQUEUED", **fields)
         try:
-            requeue(self.place.job_id)
+            requeue(self.place.job_id, restarts_now)
         except SlurmError as exc:
             self._mark_failed(f"{cause}, but the requeue failed: {exc}")
             return JobOutcome("failed", cause, step, detail=str(exc))

@@ -11,6 +11,7 @@ import logging
 import re
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -109,9 +110,22 @@ def squeue_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
     return states
 
 
-def requeue(job_id: str) -> None:
-    """`scontrol requeue JOB`: SLURM kills the running attempt and queues the job again (same id)."""
-    run_tool(["scontrol", "requeue", str(job_id)])
+def requeue(job_id: str, restarts_before: int, confirm_s: float = 15.0) -> None:
+    """`scontrol requeue JOB` from inside the job: SLURM kills the running attempt and queues it again.
+
+    The kill reaches every process of the job, `scontrol` itself included, often before it has exited;
+    so success is read from the controller: the job's restart count went up.
+    """
+    result = run_tool(["scontrol", "requeue", str(job_id)], check=False)
+    deadline = time.monotonic() + confirm_s
+    while True:
+        record = show_job(job_id) or {}
+        if int(record.get("Restarts", "0") or 0) > restarts_before:
+            return
+        if time.monotonic() > deadline:
+            message = (result.stderr or result.stdout).strip() or f"exit {result.returncode}"
+            raise SlurmError(f"`scontrol requeue {job_id}` did not requeue the job: {message}")
+        time.sleep(0.2)
 
 
 def cancel(job_ids: list[str]) -> None:

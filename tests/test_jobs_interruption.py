@@ -71,6 +71,8 @@ def test_preemption_is_read_from_preempt_time_not_elapsed_time() -> None:
     assert found.cause == intr.PREEMPTED and found.needs_self_requeue is False and found.slurm_requeues
     # The same record with USR2 (preempt_send_user_signal) is still a preemption, not a timeout.
     assert intr.classify(["SIGUSR2"], parse_scontrol_record(PREEMPTED), start, 90).cause == intr.PREEMPTED
+    aware = start.astimezone()  # what the runner holds: its own clock, with a time zone
+    assert intr.classify(["SIGTERM"], parse_scontrol_record(PREEMPTED), aware, 90).cause == intr.PREEMPTED
     # A PreemptTime of an earlier attempt does not count for this one.
     later = datetime.fromisoformat("2026-11-28T00:20:00")
     assert intr.classify(["SIGUSR2"], parse_scontrol_record(PREEMPTED), later, 90).cause == intr.SIGNALLED
