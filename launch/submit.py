@@ -81,7 +81,8 @@ def run_with_config(command: str, cfg: LaunchConfig, dry_run: bool, console: Con
 
 
 def show_plan(console: Console, exp: Experiment, cfg: LaunchConfig, planned: list[PlannedJob]) -> None:
-    table = Table(title=f"{cfg.name} -> {exp.dir} ({cfg.cluster.backend})", title_justify="left")
+    console.out(f"{cfg.name} -> {exp.dir} ({cfg.cluster.backend})", highlight=False)
+    table = Table()
     for column in ("job", "task", "after", "action", "why"):
         table.add_column(column)
     for p in planned:

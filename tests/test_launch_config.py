@@ -191,3 +191,25 @@ def test_cli_reports_bad_input_without_a_traceback(data: Path, tmp_path: Path) -
     assert proc.returncode == 2, proc.stderr
     assert "error:" in proc.stdout and "not divisible by the job's 2 ranks" in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_sweep_checks_every_member_before_anything_runs(data: Path, tmp_path: Path) -> None:
+    from launch.sweep import run_sweep
+
+    swept = ["pretrain.mask.ratio=0.8,0.75", "pretrain.mask.num_masks=4,5"]  # 75% x 5 needs 80 of 64 tokens
+    with pytest.raises(ConfigError, match=r"sweep member pretrain.mask.ratio=0.75 pretrain.mask.num_masks=5: "):
+        run_sweep("pipeline", tiny_overrides(data, tmp_path, *swept), dry_run=True)
+    assert not any(tmp_path.iterdir())
+
+
+def test_sweep_members_are_experiments_named_after_the_swept_values(data: Path, tmp_path: Path, capsys, monkeypatch):
+    from launch.sweep import run_sweep
+
+    monkeypatch.setenv("COLUMNS", "300")  # rich wraps at 80 columns without a terminal
+    swept = ["pretrain.mask.ratio=0.8,0.9", "pretrain.mask.num_masks=4,5"]
+    assert run_sweep("pipeline", tiny_overrides(data, tmp_path, *swept), dry_run=True) == 0
+    out = capsys.readouterr().out
+    for masks in (4, 5):
+        for ratio in (0.8, 0.9):
+            assert f"tiny_num_masks{masks}_ratio{ratio} -> {tmp_path}/tiny_num_masks{masks}_ratio{ratio}" in out
+    assert out.count("pretrain (pretrain, 1 node(s)") == 4 and not any(tmp_path.iterdir())
