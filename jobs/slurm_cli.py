@@ -71,7 +71,10 @@ def show_job(job_id: str) -> dict[str, str] | None:
 
     None once the controller has forgotten the job (MinJobAge after it ended) or it never existed.
     """
-    result = run_tool(["scontrol", "show", "job", "-o", str(job_id)], check=False)
+    try:
+        result = run_tool(["scontrol", "show", "job", "-o", str(job_id)], check=False)
+    except SlurmError:  # no SLURM here, or the controller does not answer
+        return None
     if result.returncode != 0 or not result.stdout.strip():
         return None
     return parse_scontrol_record(result.stdout.splitlines()[0])
@@ -101,7 +104,10 @@ def squeue_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
     if not job_ids:
         return {}
     fmt = "%i|%T|%r|%N|%M"
-    result = run_tool(["squeue", "-h", "-o", fmt, "-j", ",".join(job_ids)], check=False)
+    try:
+        result = run_tool(["squeue", "-h", "-o", fmt, "-j", ",".join(job_ids)], check=False)
+    except SlurmError:
+        return {}
     states = {}
     for line in result.stdout.splitlines():
         parts = line.split("|")

@@ -84,9 +84,16 @@ def slurm_views(job_ids: list[str]) -> tuple[dict[str, JobView], str]:
         view.elapsed_s = sum(parse_duration_s(r["Elapsed"]) or 0.0 for r in view.runs)
         view.nodelist = last.get("NodeList", "")
         view.nnodes = int(last.get("NNodes") or 0)
-    # Jobs sacct does not list yet (just submitted) may still be in the controller's queue.
-    missing = [j for j in ids if j not in views]
-    views.update(_views_without_accounting(missing))
+    # Accounting trails the controller by a moment (a job it lists as PENDING may already run) and
+    # does not list a job submitted a moment ago: for every job that is not over, ask the controller.
+    recheck = [j for j in ids if j not in views or views[j].alive]
+    for job_id, live in _views_without_accounting(recheck).items():
+        if job_id in views:
+            # Earlier attempts from accounting + the current one as the controller times it.
+            live.runs = views[job_id].runs
+            live.elapsed_s += sum(parse_duration_s(r["Elapsed"]) or 0.0 for r in live.runs[:-1])
+            live.nnodes = live.nnodes or views[job_id].nnodes
+        views[job_id] = live
     return views, "sacct"
 
 

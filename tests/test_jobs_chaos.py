@@ -173,3 +173,27 @@ def test_four_interruptions_by_mixed_means_leave_the_weights_bit_identical(
         f"work lost per interruption {lost} steps; requeued attempt start -> first step {startup} s "
         f"(first attempt {attempts[0]['startup_s']} s); wall time {wall_s:.0f} s"
     )
+
+
+@pytest.mark.slow
+def test_attempt_killed_after_gracetime_gets_its_cause_from_accounting(
+    slurm_cluster: SlurmCluster, tmp_path: Path, monkeypatch
+) -> None:
+    """A step longer than GraceTime: the preempted attempt is killed before it can save or say why; the
+    next attempt reads the cause from `sacct` and how far it got from the progress file."""
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
+    data = make_dataset(tmp_path / "data")
+    cluster = slurm_overrides(1, "cluster.step_pause_s=30")  # GraceTime of the test cluster: 10 s
+    ids = run_command("pretrain", tiny_overrides(data, tmp_path, *cluster), console=Console(quiet=True)).submitted
+    job, exp = int(ids["pretrain"]), tmp_path / "tiny"
+    _wait(lambda: _step(exp) >= 0, "the first step boundary", timeout=120)
+    slurm_cluster.submit("sleep 1\n", "--partition=high", "--nodes=2", "--exclusive", "--time=2", workdir=tmp_path)
+    slurm_cluster.wait_for_state(job, {"PENDING"}, timeout=120)  # killed at the end of GraceTime, requeued by SLURM
+    slurm_cluster.release(job)
+    _wait(lambda: len(_attempts(exp)) >= 2 and "resumed_step" in _attempts(exp)[1], "the second attempt", timeout=120)
+    slurm_cluster.cancel(job)
+    killed = _attempts(exp)[0]
+    assert (killed["cause"], killed["detail"], killed["end"]) == ("preempted", "sacct State=PREEMPTED", "unknown")
+    # No checkpoint was written (the first periodic save is at step 4): the work of the steps it reached is lost.
+    assert killed["reached_step"] in (0, 1) and _attempts(exp)[1]["resumed_step"] == 0
+    assert [r["State"] for r in slurm_cluster.sacct_rows(job)][0] == "PREEMPTED"

@@ -1,0 +1,68 @@
+"""The pipeline on this machine (in-process executor): every job runs once, the results table carries the
+metrics files' numbers, `status` reads the manifest, and a second run does nothing."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+from rich.console import Console
+
+from jobs.manifest import Manifest
+from launch.progress import read_final_metrics
+from launch.results import collate, write_results
+from launch.status import show_status
+from launch.submit import run_command
+from tests.launch_fixtures import make_dataset, tiny_overrides
+
+
+def test_local_pipeline_results_status_and_rerun(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "data")
+    overrides = tiny_overrides(data, tmp_path / "exps", "cluster.executor=inprocess")
+    result = run_command("pipeline", overrides, console=Console(quiet=True))
+    assert result.exit_code == 0 and [p.action for p in result.planned] == ["submit"] * 4
+    exp = tmp_path / "exps" / "tiny"
+    jobs = Manifest(exp).read()["jobs"]
+    assert {name: j["state"] for name, j in jobs.items()} == dict.fromkeys(jobs, "COMPLETED")
+    assert set(jobs) == {"pretrain", "linprobe", "fastprobe", "finetune"}
+    assert all(len(j["attempts"]) == 1 for j in jobs.values())
+
+    console = Console(record=True, width=250, file=io.StringIO())
+    (row,) = write_results(tmp_path / "exps", tmp_path / "out", console)
+    fast = read_final_metrics(exp / "fastprobe")["results"]
+    assert row.linear == read_final_metrics(exp / "linprobe")["results"]["top1"]
+    assert row.finetune == read_final_metrics(exp / "finetune")["results"]["top1"]
+    assert (row.fast_probe, row.knn) == (fast["top1"], fast["knn"]["top1"])
+    assert row.wall_time_s and row.wall_time_s > 0 and row.gpu_hours == 0.0 and row.requeues == 0
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    assert f"| {row.linear:.1f} | {row.finetune:.1f} |" in markdown and (tmp_path / "out" / "results.csv").is_file()
+    assert collate(tmp_path / "exps") == [row]
+
+    assert show_status(exp, console) == 4
+    text = console.export_text()
+    assert text.count("COMPLETED") == 4 and text.count("schedule done") == 4
+    assert re.search(r"│ pretrain\s+│.*│ 8/8\s+│", text), text  # 32 images, batch 8, 2 epochs
+
+    again = run_command("pipeline", overrides, console=Console(quiet=True))
+    assert again.exit_code == 0 and [p.action for p in again.planned] == ["done"] * 4
+    assert all(len(j["attempts"]) == 1 for j in Manifest(exp).read()["jobs"].values())
+
+
+def test_results_show_missing_metrics_as_missing(tmp_path: Path) -> None:
+    exp = Manifest(tmp_path / "exps" / "half")
+    with exp.edit() as data:  # an experiment whose evaluations have not run
+        data.update(name="half", config={"pretrain": {"model": {"arch": "vit_base"}, "optim": {"epochs": 300}}})
+        data["jobs"] = {"pretrain": {"task": "pretrain", "backend": "local", "state": "RUNNING", "attempts": []}}
+    (row,) = collate(tmp_path / "exps")
+    assert (row.linear, row.finetune, row.knn, row.fast_probe, row.wall_time_s) == (None, None, None, None, None)
+    cells = dict(zip(("experiment", "name", "data", "epochs", "masking", "color"), row.cells(), strict=False))
+    assert cells == {
+        "experiment": "half",
+        "name": "ViT-Base",
+        "data": "-",
+        "epochs": "300",
+        "masking": "-",
+        "color": "-",
+    }
+    assert row.cells()[6:9] == ["-", "-", "-"] and row.cells()[-2:] == ["-", "-"]
