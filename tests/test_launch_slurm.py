@@ -4,6 +4,7 @@ results table, idempotent re-runs, a failing job and its cancelled dependents, a
 from __future__ import annotations
 
 import shutil
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -115,3 +116,23 @@ def test_partition_rejected_by_sbatch_is_reported_before_anything_is_queued(slur
     assert "Invalid partition name specified" in str(err.value) and "sbatch rejects the pretrain job" in str(err.value)
     assert not (tmp_path / "tiny").exists()
     assert slurm_env.run("squeue", "-h", "-o", "%i").stdout == before
+
+
+def test_requeue_limit_fails_the_job_instead_of_looping(slurm_env: SlurmCluster, data: Path, tmp_path: Path) -> None:
+    overrides = tiny_overrides(
+        data, tmp_path, *slurm_overrides(1, "cluster.max_requeues=0", "cluster.step_pause_s=0.5")
+    )
+    ids = run_command("pipeline", [*overrides, "pipeline.evaluations=[linprobe]"], console=_console()).submitted
+    job, exp = int(ids["pretrain"]), tmp_path / "tiny"
+    progress = exp / "pretrain" / ".progress.json"
+    deadline = time.monotonic() + 120
+    while not progress.is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    slurm_env.run("scancel", "--signal=USR2", str(job))  # would requeue, but the budget is 0
+    assert slurm_env.wait_until_done(job, timeout=120) == "FAILED"
+    assert slurm_env.wait_until_done(int(ids["linprobe"]), timeout=60) == "CANCELLED"
+    assert [r["State"] for r in slurm_env.sacct_rows(job)] == ["FAILED"]
+    jobs = Manifest(exp).read()["jobs"]
+    assert jobs["pretrain"]["state"] == "FAILED" and "exceed max_requeues=0" in jobs["pretrain"]["reason"]
+    assert [a["cause"] for a in jobs["pretrain"]["attempts"]] == ["signalled"]
+    assert jobs["linprobe"]["state"] == "CANCELLED" and "max_requeues=0" in jobs["linprobe"]["reason"]
