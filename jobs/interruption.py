@@ -52,7 +52,8 @@ class Interruption:
         return self.cause in REQUEUE_ITSELF
 
 
-def _parse_time(text: str | None) -> datetime | None:
+def parse_slurm_time(text: str | None) -> datetime | None:
+    """A SLURM timestamp (`2026-11-28T00:13:47`, naive local time); None for None/Unknown/N/A."""
     if not text or text in ("None", "Unknown", "N/A"):
         return None
     try:
@@ -73,7 +74,7 @@ def classify(
     if record is None:
         return Interruption(TERMINATED, f"{first}; the controller did not answer")
     state = record.get("JobState", "")
-    preempt_time = _parse_time(record.get("PreemptTime"))
+    preempt_time = parse_slurm_time(record.get("PreemptTime"))
     if attempt_start is not None and attempt_start.tzinfo is not None:
         attempt_start = attempt_start.astimezone().replace(tzinfo=None)  # SLURM prints naive local times
     if preempt_time is not None and (attempt_start is None or preempt_time >= attempt_start.replace(microsecond=0)):

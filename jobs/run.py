@@ -14,8 +14,6 @@ import sys
 
 from jobs.signals import StopFlag
 
-_FLAG = StopFlag().install()
-
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.run", description=__doc__.splitlines()[0])
@@ -32,6 +30,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    flag = StopFlag().install()  # first: torch is imported later, a signal during start-up must not be lost
     args = _parse(sys.argv[1:] if argv is None else argv)
     rank = os.environ.get("SLURM_PROCID", os.environ.get("RANK", "0"))
     logging.basicConfig(
@@ -52,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         signal_delay_s=args.signal_delay_s,
         step_pause_s=args.step_pause_s,
     )
-    outcome = run_attempt(spec, _FLAG)
+    outcome = run_attempt(spec, flag)
     logging.getLogger("jobs.run").info("attempt ended: %s (%s) at step %s", outcome.status, outcome.cause, outcome.step)
     return 1 if outcome.status == "failed" else 0
 

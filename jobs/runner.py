@@ -194,7 +194,7 @@ class _Attempt:
 
             info = show_job(self.place.job_id) or {}
             self.restarts_at_start = int(info.get("Restarts", os.environ.get("SLURM_RESTART_COUNT", 0)) or 0)
-            self.slurm_start = intr._parse_time(info.get("StartTime"))
+            self.slurm_start = intr.parse_slurm_time(info.get("StartTime"))
             record.update(
                 restarts=self.restarts_at_start, nodes=info.get("NodeList"), slurm_start=info.get("StartTime")
             )

@@ -168,10 +168,12 @@ def test_four_interruptions_by_mixed_means_leave_the_weights_bit_identical(
         assert any(re.search(row, line) for line in text.splitlines()), (row, text)
 
     startup = [a["startup_s"] for a in attempts[1:]]
+    in_process = [a["process_startup_s"] for a in attempts[1:]]  # from the Python process's start
     print(
         f"\nchaos (seed {seed}): causes {causes}; interrupted at steps {[a['end_step'] for a in attempts[:-1]]}; "
         f"work lost per interruption {lost} steps; requeued attempt start -> first step {startup} s "
-        f"(first attempt {attempts[0]['startup_s']} s); wall time {wall_s:.0f} s"
+        f"(first attempt {attempts[0]['startup_s']} s; of which in the Python process {in_process} s); "
+        f"wall time {wall_s:.0f} s"
     )
 
 

@@ -3,6 +3,7 @@ results table, idempotent re-runs, a failing job and its cancelled dependents, a
 
 from __future__ import annotations
 
+import io
 import shutil
 import time
 from datetime import datetime
@@ -13,6 +14,8 @@ from rich.console import Console
 
 from jobs.manifest import Manifest
 from jobs.slurm_cli import SlurmError
+from launch.cancel import cancel_jobs
+from launch.logs import show_logs
 from launch.progress import read_final_metrics
 from launch.results import collate, to_markdown
 from launch.status import collect
@@ -136,3 +139,26 @@ def test_requeue_limit_fails_the_job_instead_of_looping(slurm_env: SlurmCluster,
     assert jobs["pretrain"]["state"] == "FAILED" and "exceed max_requeues=0" in jobs["pretrain"]["reason"]
     assert [a["cause"] for a in jobs["pretrain"]["attempts"]] == ["signalled"]
     assert jobs["linprobe"]["state"] == "CANCELLED" and "max_requeues=0" in jobs["linprobe"]["reason"]
+
+
+def test_cancel_stops_a_job_after_a_checkpoint_and_its_dependents_and_logs_show_it(
+    slurm_env: SlurmCluster, data: Path, tmp_path: Path
+) -> None:
+    overrides = tiny_overrides(data, tmp_path, *slurm_overrides(1, "cluster.step_pause_s=0.5"))
+    ids = run_command("pipeline", [*overrides, "pipeline.evaluations=[linprobe]"], console=_console()).submitted
+    exp = tmp_path / "tiny"
+    deadline = time.monotonic() + 120
+    while not (exp / "pretrain" / ".progress.json").is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert cancel_jobs(exp, ["pretrain"], _console()) == ["pretrain"]
+    assert slurm_env.wait_until_done(int(ids["pretrain"]), timeout=60) == "CANCELLED"
+    assert slurm_env.wait_until_done(int(ids["linprobe"]), timeout=60) == "CANCELLED"
+    jobs = Manifest(exp).read()["jobs"]
+    assert jobs["linprobe"]["reason"] == "dependency pretrain was cancelled with `launch cancel`"
+    (attempt,) = jobs["pretrain"]["attempts"]
+    assert attempt["cause"] == "cancelled" and attempt["signals"][0] == "SIGTERM"  # saved, not requeued
+    assert (exp / "pretrain" / "checkpoints" / f"ckpt_{attempt['end_step']:09d}.pt").is_file()
+    console = Console(record=True, width=200, file=io.StringIO())
+    assert show_logs(exp, "pretrain", 200, console) == 1
+    text = console.export_text()
+    assert f"attempt of job {ids['pretrain']} (restart 0) on node" in text and "stopping at the next step" in text
