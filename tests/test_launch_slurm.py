@@ -150,6 +150,9 @@ def test_cancel_stops_a_job_after_a_checkpoint_and_its_dependents_and_logs_show_
     deadline = time.monotonic() + 120
     while not (exp / "pretrain" / ".progress.json").is_file() and time.monotonic() < deadline:
         time.sleep(0.2)
+    # While they are queued or running, the same command submits nothing again.
+    plan = run_command("pipeline", [*overrides, "pipeline.evaluations=[linprobe]"], console=_console()).planned
+    assert [p.action for p in plan] == ["keep", "keep"]
     assert cancel_jobs(exp, ["pretrain"], _console()) == ["pretrain"]
     assert slurm_env.wait_until_done(int(ids["pretrain"]), timeout=60) == "CANCELLED"
     assert slurm_env.wait_until_done(int(ids["linprobe"]), timeout=60) == "CANCELLED"
