@@ -94,6 +94,9 @@ def run_sweep(command: str, overrides: list[str], dry_run: bool) -> int:
         f"hydra.job.config.override_dirname.exclude_keys=[{','.join(others)}]",
         "hydra.sweep.dir=${root}/.sweeps/${now:%Y-%m-%d_%H-%M-%S}",
         "hydra.job.chdir=false",
+        # Keep the launcher's own logging set-up: Hydra's would replace the root handlers process-wide.
+        "hydra/job_logging=none",
+        "hydra/hydra_logging=none",
     ]
     if dry_run:  # write nothing: no .hydra folders, the sweep folder in a temporary place
         hydra_overrides += ["hydra.output_subdir=null", f"hydra.sweep.dir={tempfile.mkdtemp(prefix='extrema-sweep-')}"]
