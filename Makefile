@@ -16,7 +16,7 @@ ARGS ?=
 # Recipes that talk to SLURM see the local test cluster when it exists (on a real cluster: no change).
 CLUSTER_ENV := source scripts/cluster/env.sh;
 
-.PHONY: help install test lint format demo bench pretrain linprobe finetune pipeline status results logs cancel \
+.PHONY: help install test lint format demo bench pretrain linprobe fastprobe finetune pipeline status results logs cancel \
 	cluster-up cluster-down cluster-status cluster-clean
 
 help: ## List the targets
@@ -59,6 +59,9 @@ pretrain: install ## Submit an ExtreMA pretraining job (ARGS: Hydra overrides)
 
 linprobe: install ## Submit a linear-probe evaluation
 	$(CLUSTER_ENV) $(PY) -m launch linprobe $(ARGS)
+
+fastprobe: install ## Submit a fast probe (cached features, head grid) + kNN evaluation
+	$(CLUSTER_ENV) $(PY) -m launch fastprobe $(ARGS)
 
 finetune: install ## Submit a finetuning evaluation
 	$(CLUSTER_ENV) $(PY) -m launch finetune $(ARGS)

@@ -65,3 +65,10 @@ def test_loading_never_runs_code(tmp_path: Path) -> None:
     torch.save({"x": Evil()}, path)
     with pytest.raises(CheckpointError):
         read_checkpoint(path)
+
+
+def test_milestones_survive_pruning(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, keep_last=1, keep_every_steps=20)
+    for step in (10, 20, 30, 40, 50):
+        manager.save(state(step), step)
+    assert manager.steps() == [20, 40, 50]

@@ -92,6 +92,8 @@ class RunConfig:
     """Checkpoint period in optimizer steps (also saved at the end and on preemption)."""
     keep_last: int = 3
     """How many step checkpoints to keep (older ones are deleted)."""
+    keep_every_steps: Optional[int] = None
+    """Also keep every checkpoint whose step is a multiple of this (milestones for evaluations); None = none."""
     log_every_steps: int = 20
     """Metrics logging period in steps."""
     max_steps: Optional[int] = None
@@ -104,4 +106,6 @@ class RunConfig:
         check_choice("run.device", self.device, DEVICES)
         check_positive("run.save_every_steps", self.save_every_steps)
         check_positive("run.keep_last", self.keep_last)
+        if self.keep_every_steps is not None:
+            check_positive("run.keep_every_steps", self.keep_every_steps)
         check_positive("run.log_every_steps", self.log_every_steps)

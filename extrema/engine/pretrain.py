@@ -88,7 +88,9 @@ class PretrainTrainer:
         self.scaler = make_scaler(cfg.run.precision, self.device)
         self.net = self._wrap(self.model)
         self.step = 0  # optimizer steps done
-        self.ckpts = CheckpointManager(self.run_dir / CHECKPOINT_DIR, keep_last=cfg.run.keep_last)
+        self.ckpts = CheckpointManager(
+            self.run_dir / CHECKPOINT_DIR, keep_last=cfg.run.keep_last, keep_every_steps=cfg.run.keep_every_steps
+        )
         self.logbook = Logbook(self.run_dir, self.dist.is_main, self.total_steps, "pretrain")
         self.wall_time = 0.0  # seconds of training, summed over every attempt
 
