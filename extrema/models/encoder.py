@@ -9,8 +9,8 @@ Parameter names equal the reference's, so its checkpoints load without renaming.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
-from typing import Sequence
 
 import torch
 from timm.layers import PatchEmbed
@@ -120,9 +120,11 @@ class ExtremaViT(nn.Module):
             m, b, k = idx.shape
             if b != x.shape[0]:
                 raise ValueError(f"keep-indices are for batch {b} but the images have batch {x.shape[0]}")
-            # One gather for all masks: (M, B, N, D) is an expanded view, not a copy.
-            x = x.unsqueeze(0).expand(m, -1, -1, -1).gather(2, idx[..., None].expand(-1, -1, -1, x.shape[-1]))
-            x = x.reshape(m * b, k, -1)  # mask-major rows
+            # One index_select for all masks over the (B*N, D) token rows; its backward adds into a (B*N, D)
+            # gradient (a gather from an expanded (M, B, N, D) view would scatter into an M times larger one).
+            n = x.shape[1]
+            rows = idx + torch.arange(b, device=x.device)[:, None] * n  # (M, B, k) flat row of each kept token
+            x = x.reshape(b * n, -1).index_select(0, rows.reshape(-1)).view(m * b, k, -1)  # mask-major rows
         return self.pos_drop(x)
 
     def forward_tokens(self, images: torch.Tensor, keep: KeepIndices | None = None) -> torch.Tensor:
