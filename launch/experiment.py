@@ -109,9 +109,15 @@ def check_ownership(exp: Experiment, cfg: LaunchConfig) -> None:
         return
     diffs = config_differences(data.get("config", {}), new)
     shown = "\n  ".join(diffs[:12]) + (f"\n  ... and {len(diffs) - 12} more" if len(diffs) > 12 else "")
+    hint = ""
+    if any(d.startswith("pretrain.run.keep_every_steps:") for d in diffs):
+        hint = (
+            "\npipeline.eval_every_steps sets pretrain.run.keep_every_steps: give every command of this experiment "
+            "the value it was made with (its pretraining keeps only those milestone checkpoints)."
+        )
     raise ExperimentConflict(
         f"output folder {exp.dir} belongs to experiment {data.get('name')!r} with a different config:\n  {shown}\n"
-        f"Resuming there would mix runs. Use another name (name={cfg.name}_v2) or root, or delete the folder."
+        f"Resuming there would mix runs. Use another name (name={cfg.name}_v2) or root, or delete the folder.{hint}"
     )
 
 

@@ -109,12 +109,23 @@ class PipelineConfig:
 
     evaluations: list[str] = field(default_factory=lambda: list(EVALUATIONS))
     """Evaluations of the final checkpoint, each its own job that starts when pretraining succeeded."""
+    eval_every_steps: int | None = None
+    """Also evaluate the milestone checkpoints at every multiple of this step before the final one: one job per
+    milestone and evaluation (afterok on pretraining). A multiple of pretrain.run.save_every_steps; sets
+    pretrain.run.keep_every_steps so pruning spares them. None = the final checkpoint only."""
+    milestone_evaluations: list[str] = field(default_factory=lambda: ["fastprobe"])
+    """Evaluations of each milestone checkpoint (fastprobe includes kNN; linprobe and finetune cost as much
+    as the final ones)."""
 
     def __post_init__(self) -> None:
-        for name in self.evaluations:
-            check_choice("pipeline.evaluations[]", name, EVALUATIONS)
-        if len(set(self.evaluations)) != len(self.evaluations):
-            raise ValueError(f"pipeline.evaluations={self.evaluations} lists an evaluation twice")
+        for key in ("evaluations", "milestone_evaluations"):
+            names = getattr(self, key)
+            for name in names:
+                check_choice(f"pipeline.{key}[]", name, EVALUATIONS)
+            if len(set(names)) != len(names):
+                raise ValueError(f"pipeline.{key}={names} lists an evaluation twice")
+        if self.eval_every_steps is not None:
+            check_positive("pipeline.eval_every_steps", self.eval_every_steps)
 
 
 @dataclass
@@ -135,6 +146,28 @@ class LaunchConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+    def __post_init__(self) -> None:
+        every = self.pipeline.eval_every_steps
+        if every is None:
+            return
+        run = self.pretrain.run
+        if every % run.save_every_steps:
+            raise ValueError(
+                f"pipeline.eval_every_steps={every} is not a multiple of pretrain.run.save_every_steps="
+                f"{run.save_every_steps}: pretraining saves no checkpoint at those steps; use a multiple, e.g. "
+                f"pipeline.eval_every_steps={max(1, every // run.save_every_steps) * run.save_every_steps}"
+            )
+        if run.keep_every_steps is None:
+            # Milestones must survive keep_last pruning until their evaluations have read them. Set here, in
+            # the pretraining config, so every command of the experiment sees the same value (its identity).
+            run.keep_every_steps = every
+        elif every % run.keep_every_steps:
+            raise ValueError(
+                f"pipeline.eval_every_steps={every} is not a multiple of pretrain.run.keep_every_steps="
+                f"{run.keep_every_steps}: those checkpoints would be pruned before they are evaluated; "
+                f"drop pretrain.run.keep_every_steps (it defaults to pipeline.eval_every_steps) or use a multiple"
+            )
 
     def task_config(self, task: str):
         """The typed config of one task (pretrain, linprobe, fastprobe, finetune)."""
