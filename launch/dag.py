@@ -2,7 +2,9 @@
 
 `pipeline` = pretrain, then each evaluation of its final checkpoint (afterok). The evaluations name the
 pretraining run folder as their checkpoint; the job resolves it to the newest verified checkpoint
-when it starts, which is the final one because it only starts after pretraining succeeded.
+when it starts, which is the final one because it only starts after pretraining succeeded. Evaluations of
+milestone checkpoints (`pipeline.eval_every_steps`) are added by `launch.milestones` once the config passed its
+checks, since their steps come from the pretraining schedule.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from launch.compose import load_launch_config
 from launch.dag import build_dag, render_dag
 from launch.experiment import Experiment, check_ownership, prepare
 from launch.jobstate import current_views
+from launch.milestones import milestone_evaluations
 from launch.plan import SUBMIT, PlannedJob, plan_jobs
 from launch.schema import LaunchConfig
 from launch.validate import validate
@@ -34,11 +35,17 @@ class CommandResult:
 
 
 def plan_command(command: str, cfg: LaunchConfig) -> tuple[Experiment, list[PlannedJob], dict]:
-    """Validate everything and decide what to submit; queues nothing and writes nothing."""
+    """Validate everything and decide what to submit; queues nothing and writes nothing in the experiment
+    (milestone evaluations scan the pretraining data, which fills its file-list cache as the job would)."""
     exp = Experiment.of(cfg)
     nodes = build_dag(cfg, command, exp)
     validate(cfg, nodes, exp.run_dir("pretrain"))
     check_ownership(exp, cfg)
+    if command == "pipeline" and cfg.pipeline.eval_every_steps:
+        # After the checks: the milestones come from the schedule, which needs a valid data folder and batch.
+        milestones = milestone_evaluations(cfg, exp)
+        validate(cfg, milestones, exp.run_dir("pretrain"))
+        nodes += milestones
     entries = exp.manifest.read().get("jobs", {}) if exp.manifest.exists() else {}
     views, _ = current_views(entries)
     return exp, plan_jobs(nodes, entries, views), views

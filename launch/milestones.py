@@ -1,0 +1,73 @@
+"""Evaluations of pretraining's milestone checkpoints (`pipeline.eval_every_steps=K`).
+
+Design: the milestone steps are fixed when the command is typed, so each (milestone, evaluation) pair is an
+ordinary job of the DAG: its own run folder, manifest entry, `afterok` on pretraining, and the same
+idempotent re-run as every other job. The steps are K, 2K, ... below the schedule's last step (the final
+checkpoint has the pipeline's own evaluations). The last step is computed as the trainer computes it:
+epochs x full batches per rank, capped by run.max_steps; the image count comes from the same file-list scan
+and cache (`extrema.data.filelist`) the pretraining job uses, so on a large dataset the job then reads the
+cache instead of scanning again. Each job names its exact checkpoint file: if the data change before
+pretraining starts and a milestone is never saved, that evaluation fails with "does not exist" instead of
+evaluating another step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from launch.dag import JobNode
+from launch.experiment import Experiment
+from launch.schema import EVALUATIONS, LaunchConfig
+
+_JOB_NAME = re.compile(rf"^({'|'.join(EVALUATIONS)})_step(\d+)$")
+
+
+def milestone_job_name(task: str, step: int) -> str:
+    """`fastprobe_step500`: manifest key and run folder of `task` on the checkpoint of `step`."""
+    return f"{task}_step{step}"
+
+
+def parse_milestone_job(name: str) -> tuple[str, int] | None:
+    """(task, step) of a milestone job's name; None for any other job."""
+    match = _JOB_NAME.match(name)
+    return (match.group(1), int(match.group(2))) if match else None
+
+
+def pretrain_total_steps(cfg: LaunchConfig) -> int:
+    """Optimizer steps the pretraining job will run (the trainer's `total_steps`)."""
+    from extrema.data import ResumableDistributedSampler, split_root
+    from extrema.data.filelist import load_or_scan
+
+    p = cfg.pretrain
+    files, _ = load_or_scan(split_root(p.data.root, "train"), p.data.cache_dir)
+    ranks = cfg.cluster.ranks
+    # The pretraining loader keeps full batches only (drop_last), like its sampler.
+    per_rank = ResumableDistributedSampler(len(files), ranks).samples_per_rank
+    steps_per_epoch = per_rank // (p.optim.batch_size // ranks)
+    schedule = p.optim.epochs * steps_per_epoch
+    return min(schedule, p.run.max_steps) if p.run.max_steps else schedule
+
+
+def milestone_steps(every: int, total_steps: int) -> list[int]:
+    """Multiples of `every` below `total_steps`."""
+    return list(range(every, total_steps, every))
+
+
+def milestone_evaluations(cfg: LaunchConfig, exp: Experiment) -> list[JobNode]:
+    """One job per milestone step and evaluation in `pipeline.milestone_evaluations`, steps in order."""
+    from extrema.checkpoint import CheckpointManager
+    from extrema.engine.base import CHECKPOINT_DIR
+
+    every = cfg.pipeline.eval_every_steps
+    if every is None:
+        return []
+    checkpoints = CheckpointManager(exp.run_dir("pretrain") / CHECKPOINT_DIR)
+    c = cfg.cluster
+    nodes = []
+    for step in milestone_steps(every, pretrain_total_steps(cfg)):
+        for task in cfg.pipeline.milestone_evaluations:
+            task_cfg = dataclasses.replace(cfg.task_config(task), checkpoint=str(checkpoints.path_for(step)))
+            name = milestone_job_name(task, step)
+            nodes.append(JobNode(name, task, task_cfg, ["pretrain"], c.eval_nodes, c.eval_time_limit_min))
+    return nodes
