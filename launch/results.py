@@ -3,12 +3,15 @@ columns (name, pretrain data, epochs, masking, color-aug, wall time, linear, fin
 requeues, kNN and fast-probe accuracy. Writes Markdown and CSV and prints a rich table.
 
 A metric that does not exist (an evaluation that has not run or failed) is shown as missing ("-"),
-never as 0. Wall time sums every attempt of the pretraining job.
+never as 0. Wall time sums every attempt of the pretraining job. Evaluations of milestone checkpoints
+(`pipeline.eval_every_steps`) add one row per step below their experiment's, named `<experiment>@step<N>`,
+with the evaluation columns filled and the pretraining's time and requeues left missing (they are the row above).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from jobs.manifest import Manifest
+from launch.milestones import parse_milestone_job
 from launch.progress import read_final_metrics
 from launch.status import JobStatus, collect, find_experiments, format_duration
 
@@ -46,6 +50,8 @@ class ResultRow:
     requeues: int | None
     knn: float | None
     fast_probe: float | None
+    step: int | None = None
+    """Pretraining step of the evaluated milestone checkpoint; None = the final checkpoint."""
 
     def cells(self) -> list[str]:
         """The row as text, in COLUMNS order."""
@@ -54,7 +60,7 @@ class ResultRow:
             return MISSING if value is None else format(value, fmt)
 
         return [
-            self.experiment,
+            self.experiment if self.step is None else f"{self.experiment}@step{self.step}",
             self.name,
             self.pretrain_data or MISSING,
             MISSING if self.epochs is None else str(self.epochs),
@@ -118,9 +124,41 @@ def experiment_row(experiment_dir: Path) -> ResultRow:
     )
 
 
+def milestone_rows(experiment_dir: Path, final: ResultRow) -> list[ResultRow]:
+    """One row per evaluated milestone step of the experiment (oldest first); `final` is its main row."""
+    by_step: dict[int, dict[str, dict | None]] = {}
+    for job, entry in Manifest(experiment_dir).read().get("jobs", {}).items():
+        parsed = parse_milestone_job(job)
+        if parsed:
+            task, step = parsed
+            by_step.setdefault(step, {})[task] = read_final_metrics(experiment_dir / entry.get("run_dir", job))
+    rows = []
+    for step in sorted(by_step):
+        m = by_step[step]
+        fast = m.get("fastprobe")
+        rows.append(
+            dataclasses.replace(
+                final,
+                step=step,
+                wall_time_s=None,
+                gpu_hours=None,
+                requeues=None,
+                linear=_top1(m.get("linprobe"), "top1"),
+                finetune=_top1(m.get("finetune"), "top1"),
+                knn=_top1(fast, "knn", "top1"),
+                fast_probe=_top1(fast, "top1"),
+            )
+        )
+    return rows
+
+
 def collate(root: Path) -> list[ResultRow]:
-    """One row per experiment under `root`."""
-    return [experiment_row(d) for d in find_experiments(root)]
+    """One row per experiment under `root`, each followed by the rows of its milestone evaluations."""
+    rows = []
+    for experiment_dir in find_experiments(root):
+        final = experiment_row(experiment_dir)
+        rows += [final, *milestone_rows(experiment_dir, final)]
+    return rows
 
 
 def to_markdown(rows: list[ResultRow]) -> str:
