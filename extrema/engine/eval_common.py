@@ -96,12 +96,14 @@ def load_protocol_weights(
     ]
     if missing or unexpected or wrong_shape:
         problems = []
-        if missing:
-            problems.append(f"missing keys {missing}")
-        if unexpected:
-            problems.append(f"unexpected keys {unexpected}")
-        if wrong_shape:
-            problems.append(f"shape mismatches {wrong_shape}")
+        for label, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", wrong_shape),
+        ):
+            if keys:  # long lists (another architecture) are cut: the first keys tell what is wrong
+                more = f" and {len(keys) - 20} more" if len(keys) > 20 else ""
+                problems.append(f"{label} {keys[:20]}{more}")
         raise CheckpointError(
             f"checkpoint does not fit the {what}: " + "; ".join(problems) + ". Check that model.arch, "
             "model.patch_size, model.img_size and model.class_attention_layers match the pretraining run."
