@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from extrema.checkpoint import read_checkpoint
 from extrema.config import FastProbeConfig
 from extrema.engine.fast_probe import FastProbeTrainer, holdout_split
 from extrema.engine.head_grid import GridSGD, HeadGrid, grid_loss, grid_specs
@@ -122,7 +123,7 @@ def test_holdout_split_is_disjoint_and_complete():
     assert sorted(fit.tolist() + hold.tolist()) == list(range(100))
 
 
-def test_extraction_resumes_after_a_stop_and_the_whole_run_reports(data, tmp_path):
+def test_extraction_and_head_training_resume_exactly_and_the_run_reports(data, tmp_path):
     data_root, cache = data
     checkpoint = tmp_path / "pretrain.pt"
     write_pretrain_checkpoint(checkpoint)
@@ -141,8 +142,18 @@ def test_extraction_resumes_after_a_stop_and_the_whole_run_reports(data, tmp_pat
     progress = json.loads((tmp_path / "resumed/features/train.000-of-001.progress.json").read_text())
     assert progress == {"rows_done": 30}
     second = FastProbeTrainer(fast_probe_config(data_root, cache, str(checkpoint)), tmp_path / "resumed")
-    second.resume()
-    assert second.fit().status == "finished"
+    assert not second.resume()  # nothing but the partial feature cache so far
+    assert second.fit(stop_requested=lambda: second.step >= 5).status == "stopped"  # now mid head training
+    third = FastProbeTrainer(fast_probe_config(data_root, cache, str(checkpoint)), tmp_path / "resumed")
+    assert third.resume() and third.step == 5
+    assert third.fit().status == "finished"
+
+    final = f"checkpoints/ckpt_{straight.total_steps:09d}.pt"
+    a, b = (read_checkpoint(tmp_path / r / final) for r in ("straight", "resumed"))
+    for key in a["grid"]:
+        assert torch.equal(a["grid"][key], b["grid"][key]), key
+    for x, y in zip(a["optimizer"]["buffers"], b["optimizer"]["buffers"], strict=True):
+        assert torch.equal(x, y)
 
     for split in ("train", "val"):
         for kind in ("features", "labels"):

@@ -170,14 +170,17 @@ class FastProbeTrainer:
         start = time.perf_counter()
         batch = self.cfg.batch_size
         fit_rows = self.fit_rows.to(self.device)
+        shuffled, shuffled_epoch = fit_rows, -1
         while self.step < self.total_steps:
             if any_rank(stop_requested(), self.device):
                 path = self.save_checkpoint()
                 log.warning("stop requested: saved %s at step %d", path, self.step)
                 return False
             epoch, position = divmod(self.step, self.steps_per_epoch)
-            order = epoch_order(len(fit_rows), self.cfg.run.seed, epoch)[position * batch : (position + 1) * batch]
-            rows = fit_rows[order.to(self.device)]
+            if epoch != shuffled_epoch:  # one permutation per epoch, not per step (ImageNet has 1.2M rows)
+                shuffled = fit_rows[epoch_order(len(fit_rows), self.cfg.run.seed, epoch).to(self.device)]
+                shuffled_epoch = epoch
+            rows = shuffled[position * batch : (position + 1) * batch]
             metrics = self.head_step(train_x[rows], train_y[rows])
             if self.step % self.cfg.run.log_every_steps == 0 or self.step == self.total_steps:
                 record = {k: float(v) for k, v in metrics.items()}
