@@ -54,9 +54,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Ex
     return model.to(map_location)
 
 
-def load_backbone(
-    path: str | Path, branch: str = "teacher", map_location: str | torch.device = "cpu"
-) -> ExtremaViT:
+def load_backbone(path: str | Path, branch: str = "teacher", map_location: str | torch.device = "cpu") -> ExtremaViT:
     """The encoder of one branch (no projector). `encoder(images)` gives the (B, D) embedding and
     `encoder(images, keep=...)` the mask-major (M*B, D) embeddings of the masked views."""
     state = backbone_state(read_checkpoint(path), branch)

@@ -19,7 +19,9 @@ def project_ckpt(tmp_path: Path) -> tuple[Path, extrema.models.ExtremaModel]:
     with torch.no_grad():  # make teacher and student differ so a branch mix-up would show
         for p in model.base_encoder.parameters():
             p.add_(0.01)
-    path = atomic_save({"format": FORMAT, "arch": "vit_nano", "step": 7, "model": model.state_dict()}, tmp_path / "c.pt")
+    path = atomic_save(
+        {"format": FORMAT, "arch": "vit_nano", "step": 7, "model": model.state_dict()}, tmp_path / "c.pt"
+    )
     return path, model
 
 

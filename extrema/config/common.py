@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -47,9 +46,7 @@ class ModelConfig:
 
         check_choice("model.arch", self.arch, tuple(ENCODER_SIZES))
         if self.img_size % self.patch_size:
-            raise ValueError(
-                f"model.img_size={self.img_size} is not a multiple of model.patch_size={self.patch_size}"
-            )
+            raise ValueError(f"model.img_size={self.img_size} is not a multiple of model.patch_size={self.patch_size}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"model.drop_path_rate={self.drop_path_rate} must be in [0, 1)")
         for name in ("class_attention_layers", "proj_dim", "mlp_dim"):
@@ -71,7 +68,7 @@ class DataConfig:
     """Dataset name for the results table."""
     num_workers: int = 8
     """Data-loader worker processes per rank."""
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
     """Where the scanned file list is cached; None = the run folder's parent (shared across requeues)."""
 
     def __post_init__(self) -> None:
@@ -92,13 +89,13 @@ class RunConfig:
     """Checkpoint period in optimizer steps (also saved at the end and on preemption)."""
     keep_last: int = 3
     """How many step checkpoints to keep (older ones are deleted)."""
-    keep_every_steps: Optional[int] = None
+    keep_every_steps: int | None = None
     """Also keep every checkpoint whose step is a multiple of this (milestones for evaluations); None = none."""
     log_every_steps: int = 20
     """Metrics logging period in steps."""
-    max_steps: Optional[int] = None
+    max_steps: int | None = None
     """Stop after this many steps in total (for tests and smoke runs); None = the full schedule."""
-    threads: Optional[int] = None
+    threads: int | None = None
     """torch intra-op threads on CPU; None = torch's default."""
 
     def __post_init__(self) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from extrema.config.common import DataConfig, ModelConfig, RunConfig, check_choice, check_positive
 
@@ -47,7 +46,7 @@ class OptimConfig:
     """Weight decay at the start (1-D parameters, biases, [cls] and positions get none)."""
     weight_decay_end: float = 0.1
     """Weight decay at the end (cosine from weight_decay)."""
-    clip_grad: Optional[float] = None
+    clip_grad: float | None = None
     """Clip the global grad norm to this value; None = no clipping."""
 
     def __post_init__(self) -> None:
@@ -79,7 +78,7 @@ class PretrainConfig:
     """InfoNCE temperature."""
     momentum: float = 0.996
     """Base EMA momentum m0 (cosine to 1)."""
-    init_from: Optional[str] = None
+    init_from: str | None = None
     """Checkpoint to start from (project or reference format); ignored once the run has its own."""
     compile: bool = False
     """torch.compile the student encoder."""

@@ -10,9 +10,10 @@ A run folder holds one task's run:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 StopRequested = Callable[[], bool]
 

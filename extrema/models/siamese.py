@@ -8,7 +8,7 @@ calls `update_teacher(m)` right after `optimizer.step()`.
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
