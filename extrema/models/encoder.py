@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from functools import partial
 
 import torch
-from timm.layers import PatchEmbed
+from timm.layers import Attention, PatchEmbed
 from timm.models.cait import LayerScaleBlockClassAttn
 from timm.models.vision_transformer import Block
 from torch import nn
@@ -34,6 +34,31 @@ def stack_keep(keep: KeepIndices) -> torch.Tensor:
             raise ValueError(f"keep must be (M, B, k) or (B, k); got shape {tuple(keep.shape)}")
         return keep
     return torch.stack(list(keep))
+
+
+class SelfAttention(Attention):
+    """timm's multi-head self-attention, with the attention kernel chosen per call.
+
+    `F.scaled_dot_product_attention` everywhere except bf16 training on a CPU: there torch's flash kernel
+    has a slow backward (ViT-S, 39 tokens: 3x the time of the explicit softmax(q k^T / sqrt(d)) v, whose
+    two matmuls run on the CPU's bf16 matrix units). Both forms give the same result up to bf16 rounding.
+    """
+
+    @property
+    def fused_attn(self) -> bool:
+        return self._fused_allowed and not _cpu_bf16_with_grad(self.qkv.weight)
+
+    @fused_attn.setter
+    def fused_attn(self, allowed: bool) -> None:
+        self._fused_allowed = allowed  # timm's choice (its TIMM_FUSED_ATTN setting)
+
+
+def _cpu_bf16_with_grad(weight: torch.Tensor) -> bool:
+    """True when a bf16 backward may follow on a CPU (bf16 autocast or a bf16 model, gradients on)."""
+    if weight.device.type != "cpu" or not torch.is_grad_enabled():
+        return False
+    autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return autocast_bf16 or weight.dtype == torch.bfloat16
 
 
 class ExtremaViT(nn.Module):
@@ -75,6 +100,7 @@ class ExtremaViT(nn.Module):
                 attn_drop=attn_drop_rate,
                 drop_path=rate,
                 norm_layer=LayerNorm6,
+                attn_layer=SelfAttention,
             )
             for rate in rates
         )
