@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,9 +40,9 @@ class WeightsSource:
     """Optimizer step of the pretraining (or finetune) run when it was saved."""
     epoch: int | None = None
     """Epoch recorded in the file."""
-    extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
+        """The JSON form written to metrics.json and checkpoints."""
         return {"path": self.path, "branch": self.branch, "format": self.format, "step": self.step, "epoch": self.epoch}
 
 
@@ -216,6 +216,8 @@ class FinetuneViT(nn.Module):
     no [cls] and no class-attention blocks; mean-pooled patch tokens -> fc_norm -> Linear head.
 
     Parameter names equal the encoder's (`patch_embed.*`, `blocks.*`) so pretrained weights load by name.
+    The token path repeats the encoder's three-line embedding rather than keeping the whole encoder (whose
+    [cls], class-attention blocks and final norm would then be dead parameters in every state dict).
     """
 
     def __init__(self, encoder: ExtremaViT, num_classes: int, head_init_scale: float = 0.001) -> None:
