@@ -58,18 +58,22 @@ def matmul_gflops(
     _sync(device)
     # On a fast GPU one matmul takes a fraction of a millisecond: time a burst of them per sample.
     inner = 1 if device.type == "cpu" else 20
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(inner):
             torch.mm(a, b, out=out)
         _sync(device)
         times.append((time.perf_counter() - t0) / inner)
+        cpu_times.append((time.process_time() - c0) / inner)
     flop = 2.0 * size**3
     return {
         "precision": precision,
         "size": size,
+        "threads": torch.get_num_threads(),
         "median_gflops": flop / statistics.median(times) / 1e9,
         "best_gflops": flop / min(times) / 1e9,
+        # Per CPU-second (all threads): unlike wall time, barely moved by other processes' time slices.
+        "gflops_per_cpu_s": flop / statistics.median(cpu_times) / 1e9 if device.type == "cpu" else None,
         "seconds": times,
     }

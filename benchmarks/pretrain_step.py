@@ -132,16 +132,19 @@ def count_flops_per_image(trainer, student: torch.Tensor, teacher: torch.Tensor,
     """FLOPs of one forward+backward of the siamese model per image (matmuls, convolutions, attention).
 
     Counted on `images` images: each image's tokens only meet its own tokens, so FLOPs scale with the batch.
-    The optimizer and EMA updates are elementwise and not counted (as in every MFU convention).
+    Counted in fp32 whatever the case's precision: the model's work is the same in every precision, while
+    the kernels (and so what the counter sees, e.g. attention's recomputation) may differ. The optimizer
+    and EMA updates are elementwise and not counted (as in every MFU convention).
     """
-    from extrema.precision import autocast
+    from extrema.masking import sample_masks
 
-    student, teacher = student[:images], teacher[:images]
-    keep = trainer._draw_masks(images)
+    m = trainer.cfg.mask
+    keep = sample_masks(
+        images, trainer.model.base_encoder.num_tokens, m.ratio, m.num_masks, torch.Generator(), m.disjoint
+    )
     counter = flop_counter.FlopCounterMode(display=False, custom_mapping=_cpu_flash_attention_flops())
     with counter:
-        with autocast(trainer.cfg.run.precision, trainer.device):
-            out = trainer.net(student, teacher, keep)
+        out = trainer.net(student[:images], teacher[:images], keep.to(student.device))
         out["loss"].backward()
     trainer.optimizer.zero_grad(set_to_none=True)
     by_module = counter.get_flop_counts()
@@ -195,6 +198,7 @@ def measure_step(case: StepCase) -> dict:
             "img_per_s_best": case.batch / min(times),
             # CPU seconds per wall second per thread: well below 1 means other work took the cores.
             "cpu_utilisation": sum(cpu_times) / sum(times) / torch.get_num_threads() if device.type == "cpu" else None,
+            "cpu_s_median": statistics.median(cpu_times),
             "loss": loss,
             **flops,
         }
@@ -215,10 +219,16 @@ def _rates(case: StepCase, device: torch.device, record: dict) -> dict:
     """Achieved GFLOP/s next to the matmul rates measured now (same process, same threads)."""
     achieved = record["flops_per_image"] * record["img_per_s"] / 1e9
     out: dict = {"achieved_gflops": achieved}
+    if device.type == "cpu":
+        # The same ratio on CPU seconds: robust to other processes taking turns on the cores (exact with
+        # one thread; with several, threads that spin while waiting for a descheduled one count too).
+        out["gflops_per_cpu_s"] = record["flops_per_image"] * case.batch / record["cpu_s_median"] / 1e9
     for precision in ["fp32"] + (["bf16"] if case.precision == "bf16" else []):
         mm = matmul_gflops(precision, case.matmul_size, case.matmul_repeats, device)
         out[f"matmul_{precision}_gflops"] = mm["median_gflops"]
         out[f"fraction_of_matmul_{precision}"] = achieved / mm["median_gflops"]
+        if device.type == "cpu":
+            out[f"fraction_of_matmul_{precision}_cpu_time"] = out["gflops_per_cpu_s"] / mm["gflops_per_cpu_s"]
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak = gpu_peak_tflops(name, "bf16" if case.precision in ("bf16", "fp16") else "fp32")
