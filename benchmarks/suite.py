@@ -72,7 +72,7 @@ def _devices() -> list[str]:
 def full_profile(threads: int | None = None) -> SuiteConfig:
     """The issue's configurations; about 5-8 minutes on a quiet 2-core CPU."""
     cases = [
-        StepCase(arch=arch, batch=batch, precision=precision, threads=threads, warmup=1, steps=3)
+        StepCase(arch=arch, batch=batch, precision=precision, threads=threads, warmup=1, steps=4, matmul_repeats=5)
         for arch, batch in (("vit_small", 16), ("vit_base", 8))
         for precision in ("fp32", "bf16")
     ]
