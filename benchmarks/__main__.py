@@ -4,6 +4,7 @@ python -m benchmarks                       # the full suite (~5-8 min on a quiet
 python -m benchmarks --quick               # vit_small only, fewer repeats (smoke run of the real sizes)
 python -m benchmarks --tiny                # vit_nano at 32 px: plumbing check in seconds
 python -m benchmarks --only pretrain_step --only matmul
+python -m benchmarks --device cuda --only matmul --only pretrain_step --only input_pipeline --compile   # GPU check
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="results folder (default: bench-results)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the CPU steps (default: all cores)")
     p.add_argument("--scratch-dir", default=None, help="where checkpoints are written (default: system temp)")
-    p.add_argument("--compile", action="store_true", help="also time the CPU steps with torch.compile")
+    p.add_argument("--compile", action="store_true", help="also time every step case with torch.compile")
+    p.add_argument(
+        "--device", choices=("all", "cpu", "cuda"), default="all", help="model benchmarks on these devices only"
+    )
     return p.parse_args(argv)
 
 
@@ -38,8 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     profile = "tiny" if args.tiny else "quick" if args.quick else "full"
     cfg = PROFILES[profile](args.threads)
     cfg.scratch_dir = args.scratch_dir
+    if args.device != "all":
+        cfg.devices = [args.device]
     if args.compile:
-        cfg.step_cases += [dataclasses.replace(c, compile=True) for c in cfg.step_cases if c.device == "cpu"]
+        cfg.step_cases += [dataclasses.replace(c, compile=True) for c in cfg.step_cases]
     command = "python -m benchmarks " + shlex.join(argv)
     summary = run_suite(cfg, args.out, set(args.only) if args.only else None, command.strip())
     print(summary.read_text())

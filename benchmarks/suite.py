@@ -63,10 +63,12 @@ class SuiteConfig:
     """Model geometry (the tiny profile shrinks it)."""
     scratch_dir: str | None = None
     """Where checkpoints are written (None = the system temp folder)."""
+    devices: list[str] = field(default_factory=lambda: ["cpu", "cuda"])
+    """Devices of the matmul, step and probe benchmarks (CUDA ones run only where CUDA is present)."""
 
 
-def _devices() -> list[str]:
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+def _available(device: str) -> bool:
+    return device == "cpu" or (device == "cuda" and torch.cuda.is_available())
 
 
 def full_profile(threads: int | None = None) -> SuiteConfig:
@@ -190,7 +192,7 @@ def run_suite(cfg: SuiteConfig, out_dir: Path, only: set[str] | None = None, com
     records: list[dict] = []
 
     if "matmul" in only:
-        for device in _devices():
+        for device in filter(_available, cfg.devices):
             sizes = cfg.matmul_sizes if device == "cpu" else [8192]
             for precision in ("fp32", "bf16"):
                 for size in sizes:
@@ -198,7 +200,7 @@ def run_suite(cfg: SuiteConfig, out_dir: Path, only: set[str] | None = None, com
                     mm = matmul_gflops(precision, size, 3, device)
                     records.append({"bench": "matmul", "device": device, "case": f"{device}/{precision}/{size}", **mm})
     if "pretrain_step" in only:
-        for case in cfg.step_cases:
+        for case in [c for c in cfg.step_cases if c.device in cfg.devices]:
             log.info("pretraining step %s", case.name)
             record = run_case(case)
             records.append(record)
@@ -221,7 +223,7 @@ def run_suite(cfg: SuiteConfig, out_dir: Path, only: set[str] | None = None, com
             checkpoint_io.run(cfg.checkpoint_arch, cfg.checkpoint_repeats, cfg.scratch_dir, **cfg.shape.kwargs())
         )
     if "probes" in only:
-        for options in cfg.probe_cases:
+        for options in [o for o in cfg.probe_cases if o.get("device", "cpu") in cfg.devices]:
             log.info("probes %s", options)
             records.append(probes.run(**options))
 
