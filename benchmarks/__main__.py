@@ -16,6 +16,8 @@ import shlex
 import sys
 from pathlib import Path
 
+import torch
+
 from benchmarks.suite import BENCHMARKS, PROFILES, run_suite
 
 
@@ -26,7 +28,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     size.add_argument("--tiny", action="store_true", help="vit_nano at 32 px (plumbing check; numbers meaningless)")
     p.add_argument("--only", action="append", choices=BENCHMARKS, help="run only these benchmarks (repeatable)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="results folder (default: bench-results)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads for the CPU steps (default: all cores)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads of every CPU measurement (default: all cores)"
+    )
     p.add_argument("--scratch-dir", default=None, help="where checkpoints are written (default: system temp)")
     p.add_argument("--compile", action="store_true", help="also time every step case with torch.compile")
     p.add_argument(
@@ -41,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     profile = "tiny" if args.tiny else "quick" if args.quick else "full"
     cfg = PROFILES[profile](args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # this process's own measurements (matmul table, device colour)
     cfg.scratch_dir = args.scratch_dir
     if args.device != "all":
         cfg.devices = [args.device]
