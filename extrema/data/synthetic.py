@@ -60,6 +60,25 @@ def _rings(u: np.ndarray, v: np.ndarray, period: float, rng: np.random.Generator
     return np.sin(2 * np.pi * np.hypot(u, v) / period + rng.uniform(0, 2 * np.pi)) > 0
 
 
+def _grid(u: np.ndarray, v: np.ndarray, period: float, rng: np.random.Generator) -> np.ndarray:
+    # Thin lines along both axes (#), a quarter of the period wide.
+    fu = (u / period + rng.uniform()) % 1.0
+    fv = (v / period + rng.uniform()) % 1.0
+    return (fu < 0.25) | (fv < 0.25)
+
+
+def _zigzag(u: np.ndarray, v: np.ndarray, period: float, rng: np.random.Generator) -> np.ndarray:
+    # Horizontal bands whose centre line zigzags: a triangle wave of the period's length and height.
+    tri = np.abs((u / period + rng.uniform()) % 1.0 - 0.5) * period
+    return np.sin(2 * np.pi * (v - tri) / period + rng.uniform(0, 2 * np.pi)) > 0
+
+
+def _spokes(u: np.ndarray, v: np.ndarray, period: float, rng: np.random.Generator) -> np.ndarray:
+    # A sunburst of 3 to 6 light and as many dark wedges around the centre (the period sets their number).
+    count = int(round(1.8 / period))
+    return np.sin(count * np.arctan2(v, u) + rng.uniform(0, 2 * np.pi)) > 0
+
+
 def _disk(u: np.ndarray, v: np.ndarray, radius: float, rng: np.random.Generator) -> np.ndarray:
     return np.hypot(u, v) < radius
 
@@ -108,6 +127,9 @@ CLASSES: dict[str, ClassSpec] = {
     "checker": ClassSpec(_checker, texture=True, rotation=math.radians(12)),
     "dots": ClassSpec(_dots, texture=True, rotation=math.radians(12)),
     "rings": ClassSpec(_rings, texture=True, rotation=0.0),
+    "grid": ClassSpec(_grid, texture=True, rotation=math.radians(12)),
+    "zigzag": ClassSpec(_zigzag, texture=True, rotation=math.radians(12)),
+    "spokes": ClassSpec(_spokes, texture=True, rotation=math.pi),
     "disk": ClassSpec(_disk, texture=False),
     "square": ClassSpec(_square, texture=False),
     "triangle": ClassSpec(_triangle, texture=False),
@@ -149,7 +171,7 @@ def render(name: str, rng: np.random.Generator, size: int = 32, nuisance: Nuisan
     y, x = np.meshgrid(axis, axis, indexing="ij")  # (n, n) each; y grows downwards
     angle = rng.uniform(-spec.rotation, spec.rotation)
     centre = rng.uniform(-nuisance.shift, nuisance.shift, 2)
-    if spec.texture and name != "rings":
+    if spec.texture and name not in ("rings", "spokes"):
         centre = np.zeros(2)  # a tiling has no centre: its phase is drawn by the mask function
     x, y = x - centre[0], y - centre[1]
     u = x * math.cos(angle) + y * math.sin(angle)
