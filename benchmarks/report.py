@@ -162,7 +162,7 @@ def _step_section(records: list[dict]) -> tuple[list[str], list[str]]:
             targets.append(
                 f"- CPU {r['arch']} fp32 step at {_fmt(frac)} of the fp32 matmul rate, best of {r['steps']} "
                 f"(median {_fmt(r['fraction_of_matmul_fp32'])}, on CPU time "
-                f"{_fmt(r.get('fraction_of_matmul_fp32_cpu_time'))}; {r['threads']} threads) "
+                f"{_fmt(r.get('fraction_of_matmul_fp32_cpu_time'))}; torch threads: {r['threads']}) "
                 f"(target ≥ {TARGETS['cpu_fp32_fraction_of_matmul']}): "
                 f"{_verdict(frac, TARGETS['cpu_fp32_fraction_of_matmul'])}"
             )

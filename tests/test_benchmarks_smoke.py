@@ -182,9 +182,9 @@ def test_summary_verdicts_follow_the_targets() -> None:
     }
     bf16 = {**step, "case": "a/bf16", "precision": "bf16", "img_per_s": 8.0, "img_per_s_best": 9.0}
     text = render_summary(machine, [fast, bf16], "cmd", "run")
-    assert "fp32 step at 0.95 of the fp32 matmul rate, best of 3 (median 0.85, on CPU time 0.97; 2 threads)" in text
+    assert "fp32 step at 0.95 of the fp32 matmul rate, best of 3 (median 0.85, on CPU time 0.97; torch th" in text
     assert "(target ≥ 0.9): PASS" in text
     assert "bf16 / fp32 img/s = 1.8, best of each (medians: 1.6) (target ≥ 2.0): FAIL" in text
     assert "bf16 best / reference fp32 anchor (4.2 img/s) = 2.14 (target ≥ 2, valid only" in text
     slow = {**fast, "fraction_of_matmul_fp32_best": 0.5}
-    assert "threads) (target ≥ 0.9): FAIL" in render_summary(machine, [slow], "cmd", "run")
+    assert "torch threads: 2) (target ≥ 0.9): FAIL" in render_summary(machine, [slow], "cmd", "run")
