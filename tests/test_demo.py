@@ -1,0 +1,126 @@
+"""`python -m launch demo` end to end on the shortened preset: Ctrl-C mid-pretraining, a run that resumes
+where it stopped and finishes the table and plots, and a third run that only reports."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from jobs.manifest import Manifest
+
+REPO = Path(__file__).resolve().parents[1]
+PRESET = "demo_smoke"
+PRETRAIN_STEPS = 24  # 4 classes x 48 images / batch 16 = 12 steps per epoch, 2 epochs
+
+
+def _demo(out: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "launch", "demo", "--", "--preset", PRESET, "--out", str(out), *overrides]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+
+
+def _logged_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # the line being written right now
+            continue
+    return [r["step"] for r in records if "loss" in r]
+
+
+def _interrupt_mid_pretraining(out: Path, pretrain_dir: Path) -> tuple[int, str]:
+    # The pause per step (a test knob of the launcher, not part of the experiment's identity) leaves time to
+    # press Ctrl-C in the middle; SIGINT goes to the whole process group, as a terminal sends it.
+    proc = subprocess.Popen(
+        _demo(out, "cluster.step_pause_s=0.5"),
+        cwd=REPO,
+        env=_env(),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while len(_logged_steps(pretrain_dir)) < 6:
+            assert proc.poll() is None, f"the demo ended before it was interrupted:\n{proc.communicate()[0]}"
+            assert time.monotonic() < deadline, "pretraining did not reach step 6 within 4 minutes"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        output, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, output
+
+
+@pytest.mark.slow
+def test_demo_resumes_after_ctrl_c_and_reports(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    experiment = out / "experiments" / PRESET
+    baseline = out / "experiments" / f"{PRESET}_random_init"
+    pretrain_dir = experiment / "pretrain"
+
+    code, output = _interrupt_mid_pretraining(out, pretrain_dir)
+    assert code == 130, output
+    assert "run the same command again" in output
+    first = _logged_steps(pretrain_dir)
+    assert 6 <= len(first) and first[-1] < PRETRAIN_STEPS, first
+    assert not (out / "results.md").exists()
+
+    done = subprocess.run(_demo(out), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # Resumed, not restarted: every step logged exactly once, in order, across the two attempts.
+    assert _logged_steps(pretrain_dir) == list(range(1, PRETRAIN_STEPS + 1))
+    jobs = Manifest(experiment).read()["jobs"]
+    assert len(jobs["pretrain"]["attempts"]) == 2
+    assert {name: job["state"] for name, job in jobs.items()} == dict.fromkeys(
+        ("pretrain", "linprobe", "fastprobe", "finetune"), "COMPLETED"
+    )
+    assert set(Manifest(baseline).read()["jobs"]) == {"linprobe", "fastprobe", "finetune"}
+
+    # The two rows evaluate what they say: the final pretraining checkpoint, and the step-0 weights.
+    for task in ("linprobe", "fastprobe", "finetune"):
+        pretrained = json.loads((experiment / task / "metrics.json").read_text())["weights"]
+        random_init = json.loads((baseline / task / "metrics.json").read_text())["weights"]
+        assert pretrained["step"] == PRETRAIN_STEPS and pretrained["path"].startswith(str(pretrain_dir))
+        assert random_init["step"] == 0 and random_init["path"] == str(out / "random_init" / "init.pt")
+
+    with open(out / "results.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["backbone", "linear probe", "fast probe", "kNN", "finetune", "pretraining"]
+    assert [r[0] for r in rows[1:]] == ["ExtreMA pretrained", "random init", "gain (points)"]
+    linear = json.loads((experiment / "linprobe" / "metrics.json").read_text())["results"]["top1"]
+    linear_random = json.loads((baseline / "linprobe" / "metrics.json").read_text())["results"]["top1"]
+    assert rows[1][1] == f"{linear:.1f}" and rows[2][1] == f"{linear_random:.1f}"
+    assert rows[3][1] == f"{linear - linear_random:+.1f}"
+    assert all(cell != "-" for row in rows[1:] for cell in row[1:5])  # every evaluation has its number
+    markdown = (out / "results.md").read_text()
+    assert "| ExtreMA pretrained |" in markdown and "| random init |" in markdown
+    assert "ExtreMA pretrained" in done.stdout and "gain (points)" in done.stdout
+    for plot in ("pretrain_loss.png", "accuracies.png"):
+        with Image.open(out / plot) as img:
+            assert img.format == "PNG" and img.width > 300 and img.height > 200
+
+    # A finished demo run again: nothing trains, the table comes back.
+    again = subprocess.run(_demo(out), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "nothing to submit" in again.stdout and "gain (points)" in again.stdout
+    assert len(Manifest(experiment).read()["jobs"]["pretrain"]["attempts"]) == 2
+    assert _logged_steps(pretrain_dir) == list(range(1, PRETRAIN_STEPS + 1))
