@@ -96,7 +96,7 @@ def test_every_cluster_knob_reaches_the_batch_script(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["experiment=vitb_80x5_colour"], "known experiment presets: tiny, vitb_80x5"),
+        (["experiment=vitb_80x5_colour"], "vitb_80x5, vitb_80x5_color, vitb_90x8_color"),
         (["cluster=slurmm"], "known cluster configs: local, slurm"),
         (["pretrain.mask.ratioo=0.9"], "Key 'ratioo' not in 'MaskConfig'"),
         (["+pretrain.mask.ratioo=0.9"], "Key 'ratioo' not in 'MaskConfig'"),
