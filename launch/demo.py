@@ -22,12 +22,13 @@ import csv
 import io
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from extrema.checkpoint import FORMAT, atomic_save
@@ -70,9 +71,9 @@ class DemoPaths:
     def experiments(self) -> Path:
         return self.out / "experiments"
 
-    @property
-    def random_init(self) -> Path:
-        return self.out / "random_init" / "init.pt"
+    def random_init(self, experiment: str, seed: int) -> Path:
+        """The baseline's weights: one file per experiment name and seed."""
+        return self.out / "random_init" / f"{experiment}_seed{seed}.pt"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,7 +111,7 @@ def run_demo(paths: DemoPaths, preset: str, overrides: list[str], console: Conso
         if code:
             return _stopped(console, code)
         console.rule("[bold]2/2 the same evaluations of the random initialisation[/]")
-        init = write_random_init(cfg.pretrain, paths.random_init)
+        init = write_random_init(cfg.pretrain, paths.random_init(cfg.name, cfg.pretrain.run.seed))
         evaluations = list(cfg.pipeline.evaluations)
         base = [*common, f"name={baseline_name}", *(f"{task}.checkpoint={init}" for task in evaluations)]
         for task in evaluations:
@@ -134,26 +135,28 @@ def _stopped(console: Console, code: int) -> int:
 def write_random_init(pretrain: PretrainConfig, path: Path) -> Path:
     """The pretraining's step-0 weights (same seed, same architecture) as a checkpoint the evaluations load.
 
-    The baseline then differs from the pretrained backbone by the training alone. Written once; the same
-    config always gives the same weights.
+    The baseline then differs from the pretrained backbone by the training alone. Written once; an existing
+    file made for another architecture is an error rather than a silently mismatched baseline.
     """
-    if path.is_file():
-        return path
-    import torch
-
+    from extrema.checkpoint import read_checkpoint
     from extrema.engine.pretrain import model_args
     from extrema.models.siamese import create_model
     from extrema.rng import seed_everything
 
+    args = model_args(pretrain)
+    if path.is_file():
+        found = read_checkpoint(path).get("model_args")
+        if found != args:
+            raise ValueError(f"{path} holds a random init of another model ({found} != {args}); delete it to redo it")
+        return path
     # PretrainTrainer seeds exactly like this before it builds its model.
     seed_everything(pretrain.run.seed)
-    with torch.random.fork_rng():
-        model = create_model(**model_args(pretrain))
+    model = create_model(**args)
     payload = {
         "format": FORMAT,
         "kind": "pretrain",
         "arch": pretrain.model.arch,
-        "model_args": model_args(pretrain),
+        "model_args": args,
         "step": 0,
         "epoch": 0,
         "model": model.state_dict(),
@@ -200,7 +203,8 @@ def report(
         table.add_column(column, justify="left" if column == "backbone" else "right", no_wrap=True)
     for line in lines:
         table.add_row(*line, style="bold" if line[0] == GAIN else None)
-    console.print(table)
+    # Not a terminal (CI, a pipe): 80 columns would cut the numbers short.
+    console.print(table, width=None if console.is_terminal else max(console.width, 120))
     md = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
     md += ["| " + " | ".join(line) + " |" for line in lines]
     (out / "results.md").write_text(title + "\n\n" + "\n".join(md) + "\n")
@@ -256,8 +260,9 @@ def plot_accuracies(rows: dict[str, ResultRow], chance: float, path: Path) -> Pa
     ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance ({chance:.0f}%)")
     ax.set_xticks(range(len(METRICS)), [name for name, _ in METRICS])
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.legend(loc="upper left")
+    ax.set_ylim(0, 118)  # room above 100 % for the legend row
+    ax.set_yticks(range(0, 101, 20))
+    ax.legend(loc="upper center", ncol=3, frameon=False)
     ax.set_title("Pretrained vs random init, same architecture and evaluations")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -270,19 +275,28 @@ class JobProgress:
     """A live progress bar per job (step / total, loss) read from the run folders while the launcher waits.
 
     The jobs run in their own processes (submitit) and write their output to log files; this shows what they
-    are doing on the terminal. It only reads files, so it works the same for a resumed job.
+    are doing. It only reads files, so it works the same for a resumed job. Where the output is not a terminal
+    (CI, `| tee`), where bars are not redrawn, each job instead logs a progress line every `log_every_s`.
     """
 
-    def __init__(self, console: Console, experiments: list[Path], period_s: float = 1.0) -> None:
+    def __init__(
+        self, console: Console, experiments: list[Path], period_s: float = 1.0, log_every_s: float = 30.0
+    ) -> None:
         self.experiments = experiments
         self.period_s = period_s
+        self.log_every_s = log_every_s
+        self.live = console.is_terminal
+        self._logged: dict[tuple[str, str], tuple[float, int]] = {}  # job -> (time, step) of its last line
         self.progress = Progress(
             TextColumn("{task.description:<28}"),
             BarColumn(),
             TextColumn("{task.completed:>6.0f}/{task.total:<6.0f}"),
             TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
             console=console,
+            disable=not self.live,
         )
         self.tasks: dict[tuple[str, str], TaskID] = {}
         self._stop = threading.Event()
@@ -321,6 +335,17 @@ class JobProgress:
                 if key not in self.tasks:
                     self.tasks[key] = self.progress.add_task(f"{exp.name}/{job}", total=total, info=info)
                 self.progress.update(self.tasks[key], completed=min(p.step, total), total=total, info=info)
+                if not self.live:
+                    self._log_line(key, p.step, total, info, p.eta_s)
+
+    def _log_line(self, key: tuple[str, str], step: int, total: int, info: str, eta_s: float | None) -> None:
+        last_time, last_step = self._logged.get(key, (0.0, -1))
+        now = time.monotonic()
+        if step == last_step or (now - last_time < self.log_every_s and step < total):
+            return
+        self._logged[key] = (now, step)
+        eta = f", eta {format_duration(eta_s)}" if eta_s and step < total else ""
+        log.info("%s/%s: step %d/%d %s%s", *key, step, total, info, eta)
 
 
 def _log_through(console: Console) -> None:

@@ -13,9 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
+from extrema.checkpoint import read_checkpoint
+from extrema.data.synthetic import generate_synthetic_dataset
+from extrema.engine.pretrain import PretrainTrainer
 from jobs.manifest import Manifest
+from launch.compose import load_launch_config
+from launch.demo import DATASETS, write_random_init
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = "demo_smoke"
@@ -100,7 +106,7 @@ def test_demo_resumes_after_ctrl_c_and_reports(tmp_path: Path) -> None:
         pretrained = json.loads((experiment / task / "metrics.json").read_text())["weights"]
         random_init = json.loads((baseline / task / "metrics.json").read_text())["weights"]
         assert pretrained["step"] == PRETRAIN_STEPS and pretrained["path"].startswith(str(pretrain_dir))
-        assert random_init["step"] == 0 and random_init["path"] == str(out / "random_init" / "init.pt")
+        assert random_init["step"] == 0 and random_init["path"] == str(out / "random_init" / f"{PRESET}_seed0.pt")
 
     with open(out / "results.csv") as f:
         rows = list(csv.reader(f))
@@ -124,3 +130,20 @@ def test_demo_resumes_after_ctrl_c_and_reports(tmp_path: Path) -> None:
     assert "nothing to submit" in again.stdout and "gain (points)" in again.stdout
     assert len(Manifest(experiment).read()["jobs"]["pretrain"]["attempts"]) == 2
     assert _logged_steps(pretrain_dir) == list(range(1, PRETRAIN_STEPS + 1))
+
+
+def test_random_init_baseline_is_the_pretrainings_step_zero(tmp_path: Path) -> None:
+    """The baseline differs from the pretrained backbone by the training alone: same seed, same weights at step 0."""
+    data = generate_synthetic_dataset(tmp_path / "data", DATASETS[PRESET])
+    cfg = load_launch_config([f"experiment={PRESET}", f"dataset.root={data}", "pretrain.run.seed=3"])
+    path = write_random_init(cfg.pretrain, tmp_path / "init.pt")
+    saved = read_checkpoint(path)
+    assert saved["step"] == 0 and saved["kind"] == "pretrain"
+    trainer = PretrainTrainer(cfg.pretrain, tmp_path / "run")  # builds its model, trains nothing
+    expected = trainer.model.state_dict()
+    assert saved["model"].keys() == expected.keys()
+    assert all(torch.equal(saved["model"][k], expected[k]) for k in expected)
+
+    other = load_launch_config([f"experiment={PRESET}", f"dataset.root={data}", "pretrain.model.arch=vit_nano"])
+    with pytest.raises(ValueError, match="random init of another model"):
+        write_random_init(other.pretrain, path)
