@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.preset not in DATASETS:
         raise ValueError(f"--preset {args.preset!r} has no demo dataset; choose one of {sorted(DATASETS)}")
     console = Console()
+    if not console.is_terminal:  # CI, a pipe: 80 columns would cut the table's numbers short
+        console = Console(width=max(console.width, 120))
     _log_through(console)
     paths = DemoPaths(Path(args.out).resolve())
     try:
@@ -203,8 +205,7 @@ def report(
         table.add_column(column, justify="left" if column == "backbone" else "right", no_wrap=True)
     for line in lines:
         table.add_row(*line, style="bold" if line[0] == GAIN else None)
-    # Not a terminal (CI, a pipe): 80 columns would cut the numbers short.
-    console.print(table, width=None if console.is_terminal else max(console.width, 120))
+    console.print(table)
     md = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
     md += ["| " + " | ".join(line) + " |" for line in lines]
     (out / "results.md").write_text(title + "\n\n" + "\n".join(md) + "\n")
