@@ -40,40 +40,49 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class MatmulRate:
+    """Times one (size x size) @ (size x size) matmul in `precision` per `sample()` (operands made once)."""
+
+    def __init__(self, precision: str = "fp32", size: int = 4096, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.flop = 2.0 * size**3
+        gen = torch.Generator(self.device).manual_seed(0)
+        dtype = DTYPES[precision]
+        self.a = torch.randn(size, size, device=self.device, generator=gen).to(dtype)
+        self.b = torch.randn(size, size, device=self.device, generator=gen).to(dtype)
+        self.out = torch.empty(size, size, device=self.device, dtype=dtype)
+        # On a fast GPU one matmul takes a fraction of a millisecond: time a burst of them per sample.
+        self.inner = 1 if self.device.type == "cpu" else 20
+        self.sample()  # warm-up: loads kernels and, on a CPU, faults in the output pages
+
+    def sample(self) -> tuple[float, float]:
+        """(GFLOP/s on wall time, GFLOP/s per CPU-second of this process) of one timed burst."""
+        _sync(self.device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(self.inner):
+            torch.mm(self.a, self.b, out=self.out)
+        _sync(self.device)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        return self.flop * self.inner / wall / 1e9, self.flop * self.inner / max(cpu, 1e-9) / 1e9
+
+
 def matmul_gflops(
     precision: str = "fp32", size: int = 4096, repeats: int = 3, device: str | torch.device = "cpu"
 ) -> dict:
     """GFLOP/s of (size x size) @ (size x size) in `precision` with the current torch threads.
 
-    Returns {"precision", "size", "median_gflops", "best_gflops", "seconds"}; one untimed warm-up call first
-    (it loads kernels and, on a CPU, faults in the output pages).
+    Returns {"precision", "size", "threads", "median_gflops", "best_gflops", "gflops_per_cpu_s", "samples"}.
+    GFLOP/s per CPU-second (all threads) is barely moved by other processes' time slices, unlike wall time.
     """
-    device = torch.device(device)
-    dtype = DTYPES[precision]
-    gen = torch.Generator(device).manual_seed(0)
-    a = torch.randn(size, size, device=device, dtype=torch.float32, generator=gen).to(dtype)
-    b = torch.randn(size, size, device=device, dtype=torch.float32, generator=gen).to(dtype)
-    out = torch.empty(size, size, device=device, dtype=dtype)
-    torch.mm(a, b, out=out)
-    _sync(device)
-    # On a fast GPU one matmul takes a fraction of a millisecond: time a burst of them per sample.
-    inner = 1 if device.type == "cpu" else 20
-    times, cpu_times = [], []
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        for _ in range(inner):
-            torch.mm(a, b, out=out)
-        _sync(device)
-        times.append((time.perf_counter() - t0) / inner)
-        cpu_times.append((time.process_time() - c0) / inner)
-    flop = 2.0 * size**3
+    rate = MatmulRate(precision, size, device)
+    samples = [rate.sample() for _ in range(repeats)]
+    wall = [w for w, _ in samples]
     return {
         "precision": precision,
         "size": size,
         "threads": torch.get_num_threads(),
-        "median_gflops": flop / statistics.median(times) / 1e9,
-        "best_gflops": flop / min(times) / 1e9,
-        # Per CPU-second (all threads): unlike wall time, barely moved by other processes' time slices.
-        "gflops_per_cpu_s": flop / statistics.median(cpu_times) / 1e9 if device.type == "cpu" else None,
-        "seconds": times,
+        "median_gflops": statistics.median(wall),
+        "best_gflops": max(wall),
+        "gflops_per_cpu_s": statistics.median([c for _, c in samples]) if rate.device.type == "cpu" else None,
+        "samples": wall,
     }

@@ -3,9 +3,9 @@
 Each configuration runs in a fresh process (`run_case`), so its peak memory is its own and thread
 settings do not leak. Inside, in this order: build the trainer; count the FLOPs of one forward+backward
 with `torch.utils.flop_counter` (on a 2-image slice: every FLOP of the step is per image); reset the
-peak-RSS mark; time `warmup + steps` full steps (masks drawn by the trainer, AdamW, EMA update); then
-time large square matmuls with the same threads, side by side, so that the step's fraction of the
-matmul rate is a ratio taken under the same machine load.
+peak-RSS mark and run the warm-up steps (peak memory); then time the steps (masks drawn by the trainer,
+AdamW, EMA update), each followed by one large square matmul with the same threads, so that the step's
+fraction of the matmul rate is a ratio of samples taken side by side under the same machine load.
 
     python -m benchmarks.pretrain_step '{"arch": "vit_small", "batch": 16, "precision": "bf16"}'
 """
@@ -25,7 +25,7 @@ from torch.utils import flop_counter
 
 from benchmarks import worker
 from benchmarks.machine import load_average, peak_rss_mib, reset_peak_rss, rss_mib
-from benchmarks.matmul import gpu_peak_tflops, matmul_gflops
+from benchmarks.matmul import MatmulRate, gpu_peak_tflops
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,6 @@ class StepCase:
     """torch.compile the student encoder (`PretrainConfig.compile`)."""
     matmul_size: int = 4096
     """Side of the square matmuls that measure the device's rate."""
-    matmul_repeats: int = 3
-    """Timed matmuls per precision."""
 
     @property
     def name(self) -> str:
@@ -169,71 +167,82 @@ def measure_step(case: StepCase) -> dict:
         shape = (case.batch, 3, case.img_size, case.img_size)
         student = torch.randn(shape, generator=gen).to(device)
         teacher = torch.randn(shape, generator=gen).to(device)
-        flops = count_flops_per_image(trainer, student, teacher)
+        record = {"bench": "pretrain_step", "case": case.name, **dataclasses.asdict(case)}
+        record.update(count_flops_per_image(trainer, student, teacher))
 
+        # Peak memory over the warm-up steps (the first one also allocates the optimizer state).
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        rss_before = rss_mib()
-        peak_reset = reset_peak_rss()
-        times, cpu_times = [], []
-        for i in range(case.warmup + case.steps):
+        rss_before, peak_reset = rss_mib(), reset_peak_rss()
+        for _ in range(case.warmup):
+            loss = float(trainer.train_step(student, teacher)["loss"])  # float() also waits for the device
+        record.update(_peak_memory(device, rss_before, peak_reset))
+
+        # Each timed step is followed by one matmul per precision: both kinds of sample then span the same
+        # stretch of time, so a best-against-best ratio cannot pair a quiet step with a busy matmul.
+        precisions = ["fp32"] + (["bf16"] if case.precision == "bf16" else [])
+        matmuls = {p: MatmulRate(p, case.matmul_size, device) for p in precisions}
+        steps, samples = [], {p: [] for p in precisions}
+        for _ in range(case.steps):
             _sync(device)
             t0, c0 = time.perf_counter(), time.process_time()
-            metrics = trainer.train_step(student, teacher)
-            loss = float(metrics["loss"])  # also waits for the device
-            if i >= case.warmup:
-                times.append(time.perf_counter() - t0)
-                cpu_times.append(time.process_time() - c0)
+            loss = float(trainer.train_step(student, teacher)["loss"])
+            steps.append((time.perf_counter() - t0, time.process_time() - c0))
+            for p, rate in matmuls.items():
+                samples[p].append(rate.sample())
         if not torch.isfinite(torch.tensor(loss)):
             raise RuntimeError(f"{case.name}: the loss is {loss}; the benchmark measured a broken step")
-        record = {
-            "bench": "pretrain_step",
-            "case": case.name,
-            **dataclasses.asdict(case),
-            "threads": torch.get_num_threads(),
-            "step_s_median": statistics.median(times),
-            "step_s_best": min(times),
-            "step_s_all": times,
-            "img_per_s": case.batch / statistics.median(times),
-            "img_per_s_best": case.batch / min(times),
-            # CPU seconds per wall second per thread: well below 1 means other work took the cores.
-            "cpu_utilisation": sum(cpu_times) / sum(times) / torch.get_num_threads() if device.type == "cpu" else None,
-            "cpu_s_median": statistics.median(cpu_times),
-            "loss": loss,
-            **flops,
-        }
-        if device.type == "cuda":
-            record["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-            record["memory_kind"] = "torch.cuda.max_memory_allocated"
-        else:
-            record["peak_memory_mib"] = peak_rss_mib()
-            record["memory_kind"] = "process peak RSS during the steps" if peak_reset else "process peak RSS"
-            record["rss_before_steps_mib"] = rss_before
-        del trainer, student, teacher
-    record.update(_rates(case, device, record))
-    record["load_average"] = load_average()
+        del trainer, student, teacher, matmuls
+    record.update(_step_rates(case, device, steps, samples, record["flops_per_image"]))
+    record.update(loss=loss, load_average=load_average())
     return record
 
 
-def _rates(case: StepCase, device: torch.device, record: dict) -> dict:
-    """Achieved GFLOP/s next to the matmul rates measured now (same process, same threads)."""
-    achieved = record["flops_per_image"] * record["img_per_s"] / 1e9
-    out: dict = {"achieved_gflops": achieved}
+def _peak_memory(device: torch.device, rss_before: float | None, peak_reset: bool) -> dict:
+    if device.type == "cuda":
+        return {
+            "peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20,
+            "memory_kind": "torch.cuda.max_memory_allocated",
+        }
+    return {
+        "peak_memory_mib": peak_rss_mib(),
+        "memory_kind": "process peak RSS during the warm-up steps" if peak_reset else "process peak RSS",
+        "rss_before_steps_mib": rss_before,
+    }
+
+
+def _step_rates(case: StepCase, device: torch.device, steps: list, samples: dict, flops_per_image: float) -> dict:
+    """img/s, achieved GFLOP/s and their fraction of the matmul rates sampled between the steps."""
+    wall = [w for w, _ in steps]
+    cpu = [c for _, c in steps]
+    threads = torch.get_num_threads()
+    out: dict = {
+        "threads": threads,
+        "step_s_median": statistics.median(wall),
+        "step_s_best": min(wall),
+        "step_s_all": wall,
+        "img_per_s": case.batch / statistics.median(wall),
+        "img_per_s_best": case.batch / min(wall),
+        # CPU seconds per wall second per thread: well below 1 means other work took the cores.
+        "cpu_utilisation": sum(cpu) / sum(wall) / threads if device.type == "cpu" else None,
+        "cpu_s_median": statistics.median(cpu),
+    }
+    achieved = flops_per_image * out["img_per_s"] / 1e9
+    achieved_best = flops_per_image * out["img_per_s_best"] / 1e9
+    out["achieved_gflops"] = achieved
     if device.type == "cpu":
-        # The same ratio on CPU seconds: robust to other processes taking turns on the cores (exact with
-        # one thread; with several, threads that spin while waiting for a descheduled one count too).
-        out["gflops_per_cpu_s"] = record["flops_per_image"] * case.batch / record["cpu_s_median"] / 1e9
-    # Best step against best matmul: on a shared machine other work only ever slows a run down, so the
-    # best of several is the closest estimate of a quiet machine; the medians are kept beside it.
-    achieved_best = record["flops_per_image"] * record["img_per_s_best"] / 1e9
-    for precision in ["fp32"] + (["bf16"] if case.precision == "bf16" else []):
-        mm = matmul_gflops(precision, case.matmul_size, case.matmul_repeats, device)
-        out[f"matmul_{precision}_gflops"] = mm["median_gflops"]
-        out[f"matmul_{precision}_gflops_best"] = mm["best_gflops"]
-        out[f"fraction_of_matmul_{precision}"] = achieved / mm["median_gflops"]
-        out[f"fraction_of_matmul_{precision}_best"] = achieved_best / mm["best_gflops"]
+        # On CPU seconds: robust to other processes taking turns on the cores (exact with one thread; with
+        # several, threads that spin while waiting for a descheduled one count too).
+        out["gflops_per_cpu_s"] = flops_per_image * case.batch / out["cpu_s_median"] / 1e9
+    for p, pairs in samples.items():
+        mm_wall = [w for w, _ in pairs]
+        out[f"matmul_{p}_gflops"] = statistics.median(mm_wall)
+        out[f"matmul_{p}_gflops_best"] = max(mm_wall)
+        out[f"fraction_of_matmul_{p}"] = achieved / statistics.median(mm_wall)
+        # Other work only ever slows a run down: best against best estimates a quiet machine.
+        out[f"fraction_of_matmul_{p}_best"] = achieved_best / max(mm_wall)
         if device.type == "cpu":
-            out[f"fraction_of_matmul_{precision}_cpu_time"] = out["gflops_per_cpu_s"] / mm["gflops_per_cpu_s"]
+            out[f"fraction_of_matmul_{p}_cpu_time"] = out["gflops_per_cpu_s"] / statistics.median([c for _, c in pairs])
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak = gpu_peak_tflops(name, "bf16" if case.precision in ("bf16", "fp16") else "fp32")

@@ -74,7 +74,7 @@ def _available(device: str) -> bool:
 def full_profile(threads: int | None = None) -> SuiteConfig:
     """The issue's configurations; about 5-8 minutes on a quiet 2-core CPU."""
     cases = [
-        StepCase(arch=arch, batch=batch, precision=precision, threads=threads, warmup=1, steps=4, matmul_repeats=5)
+        StepCase(arch=arch, batch=batch, precision=precision, threads=threads, warmup=1, steps=4)
         for arch, batch in (("vit_small", 16), ("vit_base", 8))
         for precision in ("fp32", "bf16")
     ]
@@ -93,10 +93,9 @@ def full_profile(threads: int | None = None) -> SuiteConfig:
 
 
 def quick_profile(threads: int | None = None) -> SuiteConfig:
-    """vit_small only, one warm-up and two timed steps, small repeats: a smoke run of the real sizes."""
+    """vit_small only, one warm-up and three timed steps, small repeats: a smoke run of the real sizes."""
     cases = [
-        StepCase(arch="vit_small", batch=16, precision=p, threads=threads, warmup=1, steps=2, matmul_repeats=2)
-        for p in ("fp32", "bf16")
+        StepCase(arch="vit_small", batch=16, precision=p, threads=threads, warmup=1, steps=3) for p in ("fp32", "bf16")
     ]
     if torch.cuda.is_available():
         cases.append(
@@ -126,7 +125,6 @@ def tiny_profile(threads: int | None = None) -> SuiteConfig:
             warmup=1,
             steps=2,
             matmul_size=256,
-            matmul_repeats=2,
             **shape.kwargs(),
         )
         for p in ("fp32", "bf16")
