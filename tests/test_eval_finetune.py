@@ -133,3 +133,25 @@ def test_head_for_another_class_count_is_rebuilt_and_logged(data, tmp_path, capl
         if not key.startswith("head."):
             assert torch.equal(loaded[key], file_state[key]), key  # everything else came from the file
     assert three.weights.format == "finetune"
+
+
+def test_reference_randaugment_survives_its_top_magnitude():
+    # rand-m9-mstd0.5-inc1 clips its N(9, 0.5) magnitude at 10, where posterize keeps 0 bits: Pillow >= 13
+    # raises on that unless the project's posterize (black image, as Pillow < 13 gave) is in place.
+    from PIL import Image, ImageOps
+    from timm.data.auto_augment import RandAugment
+
+    from extrema.config.evaluation import FinetuneConfig
+    from extrema.engine.finetune import finetune_transforms
+
+    train, _ = finetune_transforms(FinetuneConfig())
+    (policy,) = [t for t in train.transforms if isinstance(t, RandAugment)]
+    posterize = [op for op in policy.ops if op.name.startswith("Posterize")]
+    assert posterize, "the reference policy includes posterize"
+    image = Image.new("RGB", (16, 16), (201, 119, 45))
+    for op in posterize:
+        op.prob, op.magnitude_std = 1.0, 0.0
+        op.magnitude = 10
+        assert op(image).getextrema() == ((0, 0), (0, 0), (0, 0))
+        op.magnitude = 9  # 1 bit kept: unchanged behaviour below the top
+        assert list(op(image).getdata()) == list(ImageOps.posterize(image, 1).getdata())

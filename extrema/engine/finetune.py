@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from extrema.checkpoint import FORMAT, CheckpointManager
 from extrema.config.evaluation import FinetuneConfig
 from extrema.data import IMAGENET_MEAN, IMAGENET_STD
+from extrema.data.randaugment import keep_zero_bit_posterize
 from extrema.distributed import any_rank, is_distributed
 from extrema.engine.base import CHECKPOINT_DIR, FINAL_METRICS, FitResult, StopRequested
 from extrema.engine.eval_common import (
@@ -69,6 +70,7 @@ def finetune_transforms(cfg: FinetuneConfig) -> tuple:
         re_count=cfg.recount,
         **common,
     )
+    keep_zero_bit_posterize(train)  # the reference policy reaches magnitude 10 (0-bit posterize)
     val = create_transform(is_training=False, interpolation="bicubic", crop_pct=cfg.crop_pct, **common)
     return train, val
 
