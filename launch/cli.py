@@ -11,7 +11,6 @@ Submitting commands take Hydra overrides; `-m` turns them into a sweep:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import sys
 from pathlib import Path
@@ -51,18 +50,21 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cancel", help="cancel an experiment's pending or running jobs")
     p.add_argument("experiment")
     p.add_argument("jobs", nargs="*")
-    p = sub.add_parser("demo", help="run the demo pipeline on built-in data (when the project ships it)")
-    p.add_argument("args", nargs=argparse.REMAINDER)
+    # Listed for --help only: `main` hands everything after "demo" to the demo's own parser.
+    sub.add_parser("demo", help="run the demo pipeline on built-in data (python -m launch demo --help)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    args = _parser().parse_args(argv)
     console = Console()
     try:
-        return _dispatch(args, console)
+        if argv[:1] == ["demo"]:  # its options (--out, --seeds, overrides) are the demo's to parse
+            from launch import demo
+
+            return int(demo.main(argv[1:]) or 0)
+        return _dispatch(_parser().parse_args(argv), console)
     except Exception as exc:  # every user-facing failure ends here with its message, not a traceback
         if not _is_user_error(exc):
             raise
@@ -114,11 +116,4 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
 
         cancel_jobs(Path(args.experiment), args.jobs, console)
         return 0
-    if args.command == "demo":
-        if importlib.util.find_spec("launch.demo") is None:
-            console.print("[red]the demo is not part of this checkout yet (launch/demo.py)[/]")
-            return EXIT_USAGE
-        from launch import demo  # type: ignore[attr-defined]
-
-        return int(demo.main(args.args) or 0)
     raise AssertionError(args.command)

@@ -79,7 +79,7 @@ class DemoPaths:
 def main(argv: list[str] | None = None) -> int:
     """Run (or resume, or report) the demo; returns the process exit code."""
     argv = list(argv or [])
-    if argv[:1] == ["--"]:  # `python -m launch demo -- --out DIR`: the CLI passes its separator through
+    if argv[:1] == ["--"]:  # `python -m launch demo -- --out DIR` (an older spelling) still works
         argv = argv[1:]
     args = _parser().parse_args(argv)
     if args.preset not in DATASETS:

@@ -29,7 +29,7 @@ PRETRAIN_STEPS = 24  # 4 classes x 48 images / batch 16 = 12 steps per epoch, 2 
 
 
 def _demo(out: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "launch", "demo", "--", "--preset", PRESET, "--out", str(out), *overrides]
+    return [sys.executable, "-m", "launch", "demo", "--preset", PRESET, "--out", str(out), *overrides]
 
 
 def _env() -> dict[str, str]:

@@ -193,6 +193,14 @@ def test_cli_reports_bad_input_without_a_traceback(data: Path, tmp_path: Path) -
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
+def test_demo_takes_its_options_directly(tmp_path: Path) -> None:
+    # `python -m launch demo --out DIR ...` (no "--"): the options reach the demo, whose check answers.
+    proc = run_launch(["demo", "--preset", "no-such-preset", "--out", str(tmp_path / "demo")])
+    assert proc.returncode == 2, proc.stderr
+    assert "--preset 'no-such-preset' has no demo dataset" in proc.stdout
+    assert not (tmp_path / "demo").exists()
+
+
 def test_sweep_checks_every_member_before_anything_runs(data: Path, tmp_path: Path) -> None:
     from launch.sweep import run_sweep
 
