@@ -106,6 +106,8 @@ def experiment_row(experiment_dir: Path) -> ResultRow:
         wall_s = pretrain_metrics.get("wall_time_s")
     gpus = (jobs.get("pretrain", {}).get("nodes") or 1) * (jobs.get("pretrain", {}).get("gpus_per_node") or 0)
     ratio, count = mask.get("ratio"), mask.get("num_masks")
+    if "pretrain" not in jobs:  # evaluations of weights from elsewhere (a random init, a reference file):
+        pre, ratio, count = {"model": pre.get("model", {})}, None, None  # the preset's recipe did not run here
     fast = metrics("fastprobe")
     return ResultRow(
         experiment=data.get("name", experiment_dir.name),

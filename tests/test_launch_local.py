@@ -66,3 +66,14 @@ def test_results_show_missing_metrics_as_missing(tmp_path: Path) -> None:
         "color": "-",
     }
     assert row.cells()[6:9] == ["-", "-", "-"] and row.cells()[-2:] == ["-", "-"]
+
+
+def test_results_of_evaluations_without_a_pretraining_show_no_recipe(tmp_path: Path) -> None:
+    exp = Manifest(tmp_path / "exps" / "baseline")
+    with exp.edit() as data:  # e.g. the demo's random-init row: the preset's pretraining section never ran
+        pretrain = {"model": {"arch": "vit_small"}, "optim": {"epochs": 300}, "mask": {"ratio": 0.8, "num_masks": 5}}
+        data.update(name="baseline", config={"pretrain": {**pretrain, "augmentation": "color", "data": {"name": "x"}}})
+        data["jobs"] = {"linprobe": {"task": "linprobe", "backend": "local", "state": "RUNNING", "attempts": []}}
+    (row,) = collate(tmp_path / "exps")
+    assert row.name == "ViT-Small"
+    assert (row.pretrain_data, row.epochs, row.masking, row.color_aug) == (None, None, None, None)
