@@ -5,7 +5,8 @@ settings do not leak. Inside, in this order: build the trainer; count the FLOPs 
 with `torch.utils.flop_counter` (on a 2-image slice: every FLOP of the step is per image); reset the
 peak-RSS mark and run the warm-up steps (peak memory); then time the steps (masks drawn by the trainer,
 AdamW, EMA update), each followed by one large square matmul with the same threads, so that the step's
-fraction of the matmul rate is a ratio of samples taken side by side under the same machine load.
+fraction of the matmul rate is a ratio of samples taken side by side under the same machine load; on
+the CPU, last, one profiled step splits the step's time into its matmuls and the rest.
 
     python -m benchmarks.pretrain_step '{"arch": "vit_small", "batch": 16, "precision": "bf16"}'
 """
@@ -190,12 +191,44 @@ def measure_step(case: StepCase) -> dict:
             steps.append((time.perf_counter() - t0, time.process_time() - c0))
             for p, rate in matmuls.items():
                 samples[p].append(rate.sample())
+        breakdown = matmul_share(trainer, student, teacher) if device.type == "cpu" else {}
         if not torch.isfinite(torch.tensor(loss)):
             raise RuntimeError(f"{case.name}: the loss is {loss}; the benchmark measured a broken step")
         del trainer, student, teacher, matmuls
     record.update(_step_rates(case, device, steps, samples, record["flops_per_image"]))
+    if breakdown:
+        # The fraction of the matmul rate the step would reach if every other op took no time.
+        step_gflop = record["flops_per_image"] * case.batch / 1e9
+        record.update(breakdown, fraction_ceiling=step_gflop / breakdown["matmul_s"] / record["matmul_fp32_gflops"])
     record.update(loss=loss, load_average=load_average())
     return record
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm")
+
+
+def matmul_share(trainer, student: torch.Tensor, teacher: torch.Tensor) -> dict:
+    """Where one CPU step's time goes: its matmuls' share of the wall time and their own GFLOP/s.
+
+    One extra step under torch.profiler. An addmm's self time leaves out its bias copy (a child op), so
+    "matmul_s" is the time the matrix units are busy; everything else (norms, GELU, attention softmax,
+    copies, AdamW, EMA) is the rest of the step.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        t0 = time.perf_counter()
+        float(trainer.train_step(student, teacher)["loss"])
+        wall = time.perf_counter() - t0
+    ops = [e for e in prof.key_averages() if e.key in MATMUL_OPS]
+    seconds = sum(e.self_cpu_time_total for e in ops) / 1e6
+    flops = sum(e.flops for e in ops)
+    return {
+        "profiled_step_s": wall,
+        "matmul_s": seconds,
+        "matmul_time_share": seconds / wall,
+        "matmul_in_step_gflops": flops / seconds / 1e9 if seconds else None,
+    }
 
 
 def _peak_memory(device: torch.device, rss_before: float | None, peak_reset: bool) -> dict:

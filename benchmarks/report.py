@@ -166,6 +166,12 @@ def _step_section(records: list[dict]) -> tuple[list[str], list[str]]:
                 f"(target ≥ {TARGETS['cpu_fp32_fraction_of_matmul']}): "
                 f"{_verdict(frac, TARGETS['cpu_fp32_fraction_of_matmul'])}"
             )
+            if r.get("fraction_ceiling") is not None:
+                targets.append(
+                    f"  - its matmuls: {_fmt(r['matmul_time_share'])} of the profiled step at "
+                    f"{_fmt(r['matmul_in_step_gflops'])} GFLOP/s; with every other op free the step would reach "
+                    f"{_fmt(r['fraction_ceiling'])} of the matmul rate"
+                )
         if r["precision"] == "bf16" and not r["compile"]:
             base = by_key.get((r["arch"], "fp32", r["device"], False))
             if base:

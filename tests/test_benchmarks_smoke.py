@@ -83,6 +83,9 @@ def test_every_benchmark_writes_finite_records(results: Path) -> None:
         )
         assert len(r["step_s_all"]) == r["steps"]
         assert 0 < r["teacher_flops_per_image"] < r["flops_per_image"]
+        # The profiled step splits into its matmuls and the rest; the ceiling bounds the achieved fraction.
+        _assert_positive_finite(r, "matmul_s", "matmul_in_step_gflops", "fraction_ceiling")
+        assert 0 < r["matmul_time_share"] < 1 and r["matmul_s"] < r["profiled_step_s"]
     _assert_positive_finite(steps["bf16"], "matmul_bf16_gflops", "fraction_of_matmul_bf16")
     # Autocast changes the number type, not the work: both precisions count the same FLOPs.
     assert steps["fp32"]["flops_per_image"] == steps["bf16"]["flops_per_image"]
