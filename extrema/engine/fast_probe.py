@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from extrema.checkpoint import FORMAT, CheckpointError, CheckpointManager
 from extrema.config.evaluation import FastProbeConfig
 from extrema.data import make_eval_transform
-from extrema.distributed import any_rank, is_distributed
-from extrema.engine.base import CHECKPOINT_DIR, FINAL_METRICS, FitResult, StopRequested
+from extrema.engine.base import CHECKPOINT_DIR, FitResult, StopRequested
+from extrema.engine.checkpointed import CheckpointedRun
 from extrema.engine.eval_common import (
     FrozenFeatures,
     build_encoder,
@@ -65,8 +63,13 @@ def epoch_order(num_rows: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-class FastProbeTrainer:
-    """Feature cache + head grid + kNN; follows the Trainer protocol of `extrema.engine.base`."""
+class FastProbeTrainer(CheckpointedRun):
+    """Feature cache + head grid + kNN; follows the Trainer protocol of `extrema.engine.base`.
+
+    Its checkpoints hold the head grid only: the feature cache resumes by itself, shard by shard.
+    """
+
+    task = "fast probe"
 
     def __init__(self, cfg: FastProbeConfig, run_dir: str | Path) -> None:
         self.cfg = cfg
@@ -172,9 +175,7 @@ class FastProbeTrainer:
         fit_rows = self.fit_rows.to(self.device)
         shuffled, shuffled_epoch = fit_rows, -1
         while self.step < self.total_steps:
-            if any_rank(stop_requested(), self.device):
-                path = self.save_checkpoint()
-                log.warning("stop requested: saved %s at step %d", path, self.step)
+            if self._stop(stop_requested):
                 return False
             epoch, position = divmod(self.step, self.steps_per_epoch)
             if epoch != shuffled_epoch:  # one permutation per epoch, not per step (ImageNet has 1.2M rows)
@@ -302,18 +303,6 @@ class FastProbeTrainer:
             world_size=self.dist.world_size,
         )
 
-    def _finished_metrics(self) -> dict | None:
-        path = self.run_dir / FINAL_METRICS
-        if self.step < self.total_steps or not path.is_file():
-            return None
-        record = json.loads(path.read_text())
-        return record if record.get("results", {}).get("step") == self.step else None
-
-    def _bank_time(self) -> None:
-        now = time.perf_counter()
-        self.wall_time += now - getattr(self, "_clock", now)
-        self._clock = now
-
     # ---- state -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The grid, its momentum buffers and the step (batches are a function of seed and step)."""
@@ -345,23 +334,3 @@ class FastProbeTrainer:
         self.step = int(state["step"])
         self.wall_time = float(state.get("wall_time_s", 0.0))
         self.timing = dict(state.get("timing", {}))
-
-    def save_checkpoint(self) -> Path:
-        """Write the grid state (all ranks call; rank 0 writes; every rank holds the same grid)."""
-        self._bank_time()
-        path = self.ckpts.path_for(self.step)
-        if self.dist.is_main:
-            path = self.ckpts.save(self.state_dict(), self.step)
-        if is_distributed():
-            dist.barrier()
-        return path
-
-    def resume(self) -> bool:
-        """Continue the head training from the newest good checkpoint (the feature cache resumes by itself)."""
-        found = self.ckpts.load_latest()
-        if found is None:
-            return False
-        state, path = found
-        self.load_state_dict(state)
-        log.info("resumed the fast probe from %s at step %d", path, self.step)
-        return True

@@ -12,13 +12,11 @@ ModelEmaV3, evaluated alongside.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -31,8 +29,9 @@ from extrema.checkpoint import FORMAT, CheckpointManager
 from extrema.config.evaluation import FinetuneConfig
 from extrema.data import IMAGENET_MEAN, IMAGENET_STD
 from extrema.data.randaugment import keep_zero_bit_posterize
-from extrema.distributed import any_rank, is_distributed
-from extrema.engine.base import CHECKPOINT_DIR, FINAL_METRICS, FitResult, StopRequested
+from extrema.distributed import is_distributed
+from extrema.engine.base import CHECKPOINT_DIR, FitResult, StopRequested
+from extrema.engine.checkpointed import CheckpointedRun
 from extrema.engine.eval_common import (
     FINETUNE_DROPPED_KEYS,
     FINETUNE_KIND,
@@ -111,8 +110,10 @@ def load_finetune_weights(model: FinetuneViT, checkpoint: str | None, branch: st
     return source
 
 
-class FinetuneTrainer:
+class FinetuneTrainer(CheckpointedRun):
     """End-to-end finetuning; follows the Trainer protocol of `extrema.engine.base`."""
+
+    task = "finetune"
 
     def __init__(self, cfg: FinetuneConfig, run_dir: str | Path) -> None:
         self.cfg = cfg
@@ -307,34 +308,10 @@ class FinetuneTrainer:
             world_size=self.dist.world_size,
         )
 
-    def _finished_metrics(self) -> dict | None:
-        path = self.run_dir / FINAL_METRICS
-        if self.step < self.total_steps or not path.is_file():
-            return None
-        record = json.loads(path.read_text())
-        return record if record.get("results", {}).get("step") == self.step else None
-
-    def _stop(self, stop_requested: StopRequested) -> bool:
-        """At a step boundary: if any rank was asked to stop, all save together; True then."""
-        if not any_rank(stop_requested(), self.device):
-            return False
-        path = self.save_checkpoint()
-        log.warning("stop requested: saved %s at step %d", path, self.step)
-        return True
-
-    def _bank_time(self) -> None:
-        now = time.perf_counter()
-        self.wall_time += now - getattr(self, "_clock", now)
-        self._clock = now
-
     # ---- state ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Model (loadable as a finetune init), EMA, optimizer, scaler, loader position, every rank's RNGs."""
-        rng = capture_rng_state()
-        per_rank = [rng]
-        if is_distributed():
-            per_rank = [None] * self.dist.world_size
-            dist.all_gather_object(per_rank, rng)
+        per_rank = self._gather_rng(capture_rng_state())
         return {
             "format": FORMAT,
             "kind": PROTOCOL,
@@ -367,33 +344,4 @@ class FinetuneTrainer:
         self.step = int(state["step"])
         self.wall_time = float(state.get("wall_time_s", 0.0))
         self.best = dict(state.get("best", {}))
-        per_rank = state.get("rng_per_rank") or []
-        if len(per_rank) == self.dist.world_size:
-            restore_rng_state(per_rank[self.dist.rank])
-        else:
-            log.warning(
-                "checkpoint written by %d ranks, this job has %d: random streams are re-seeded",
-                len(per_rank),
-                self.dist.world_size,
-            )
-
-    def save_checkpoint(self) -> Path:
-        """Write the full state (all ranks call; rank 0 writes) and return its path."""
-        self._bank_time()
-        state = self.state_dict()
-        path = self.ckpts.path_for(self.step)
-        if self.dist.is_main:
-            path = self.ckpts.save(state, self.step)
-        if is_distributed():
-            dist.barrier()
-        return path
-
-    def resume(self) -> bool:
-        """Continue from the newest good checkpoint of the run folder; False when starting fresh."""
-        found = self.ckpts.load_latest()
-        if found is None:
-            return False
-        state, path = found
-        self.load_state_dict(state)
-        log.info("resumed the finetune from %s at step %d", path, self.step)
-        return True
+        self._restore_rng(state.get("rng_per_rank"), restore_rng_state)

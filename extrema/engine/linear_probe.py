@@ -10,21 +10,20 @@ training, and a difference is an error.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from extrema.checkpoint import FORMAT, CheckpointError, CheckpointManager
 from extrema.config.evaluation import LinearProbeConfig
 from extrema.data import make_eval_transform
-from extrema.distributed import any_rank, is_distributed
-from extrema.engine.base import CHECKPOINT_DIR, FINAL_METRICS, FitResult, StopRequested
+from extrema.distributed import is_distributed
+from extrema.engine.base import CHECKPOINT_DIR, FitResult, StopRequested
+from extrema.engine.checkpointed import CheckpointedRun
 from extrema.engine.eval_common import (
     FrozenFeatures,
     build_encoder,
@@ -54,8 +53,10 @@ def build_probe_head(dim: int, num_classes: int) -> nn.Sequential:
     return head
 
 
-class LinearProbeTrainer:
+class LinearProbeTrainer(CheckpointedRun):
     """Trains the probe head on frozen features; follows the Trainer protocol of `extrema.engine.base`."""
+
+    task = "linear probe"
 
     def __init__(self, cfg: LinearProbeConfig, run_dir: str | Path) -> None:
         self.cfg = cfg
@@ -220,35 +221,10 @@ class LinearProbeTrainer:
             "head": f"BatchNorm1d(affine=False, eps={BN_EPS}) -> Linear",
         }
 
-    def _finished_metrics(self) -> dict | None:
-        # A requeued or repeated run that already finished reports its results without redoing anything.
-        path = self.run_dir / FINAL_METRICS
-        if self.step < self.total_steps or not path.is_file():
-            return None
-        record = json.loads(path.read_text())
-        return record if record.get("results", {}).get("step") == self.step else None
-
-    def _stop(self, stop_requested: StopRequested) -> bool:
-        """At a step boundary: if any rank was asked to stop, all save together; True then."""
-        if not any_rank(stop_requested(), self.device):
-            return False
-        path = self.save_checkpoint()
-        log.warning("stop requested: saved %s at step %d", path, self.step)
-        return True
-
-    def _bank_time(self) -> None:
-        now = time.perf_counter()
-        self.wall_time += now - getattr(self, "_clock", now)
-        self._clock = now
-
     # ---- state -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Head, optimizer, step, loader position and RNG streams (the frozen backbone is only fingerprinted)."""
-        rng = capture_rng_state()
-        per_rank = [rng]
-        if is_distributed():
-            per_rank = [None] * self.dist.world_size
-            dist.all_gather_object(per_rank, rng)
+        per_rank = self._gather_rng(capture_rng_state())
         return {
             "format": FORMAT,
             "kind": PROTOCOL,
@@ -277,27 +253,4 @@ class LinearProbeTrainer:
         self.loader.load_state_dict(state["loader"])
         self.step = int(state["step"])
         self.wall_time = float(state.get("wall_time_s", 0.0))
-        per_rank = state.get("rng_per_rank") or []
-        if len(per_rank) == self.dist.world_size:
-            restore_rng_state(per_rank[self.dist.rank])
-
-    def save_checkpoint(self) -> Path:
-        """Write the full state (all ranks call; rank 0 writes) and return its path."""
-        self._bank_time()
-        state = self.state_dict()
-        path = self.ckpts.path_for(self.step)
-        if self.dist.is_main:
-            path = self.ckpts.save(state, self.step)
-        if is_distributed():
-            dist.barrier()
-        return path
-
-    def resume(self) -> bool:
-        """Continue from the newest good checkpoint of the run folder; False when starting fresh."""
-        found = self.ckpts.load_latest()
-        if found is None:
-            return False
-        state, path = found
-        self.load_state_dict(state)
-        log.info("resumed the linear probe from %s at step %d", path, self.step)
-        return True
+        self._restore_rng(state.get("rng_per_rank"), restore_rng_state)

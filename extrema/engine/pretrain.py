@@ -12,14 +12,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from extrema.checkpoint import FORMAT, CheckpointError, CheckpointManager, export_backbone, read_checkpoint
 from extrema.checkpoint import model_state as checkpoint_model_state
 from extrema.config import PretrainConfig
-from extrema.distributed import any_rank, dist_info, is_distributed, resolve_device
+from extrema.distributed import dist_info, is_distributed, resolve_device
 from extrema.engine.base import CHECKPOINT_DIR, FINAL_METRICS, FitResult, StopRequested
+from extrema.engine.checkpointed import CheckpointedRun
 from extrema.engine.logbook import Logbook, read_metrics_log
 from extrema.engine.pretrain_data import PretrainData
 from extrema.engine.summary import write_json
@@ -50,8 +50,10 @@ def model_args(cfg: PretrainConfig) -> dict:
     }
 
 
-class PretrainTrainer:
+class PretrainTrainer(CheckpointedRun):
     """ExtreMA pretraining on one process, or on every rank of a process group (DDP)."""
+
+    task = "pretraining"
 
     def __init__(self, cfg: PretrainConfig, run_dir: str | Path, data: PretrainData | None = None) -> None:
         self.cfg = cfg
@@ -188,19 +190,11 @@ class PretrainTrainer:
                         break
                     # Polled after each step (the loader counts a batch as used once handed out), and
                     # agreed on by all ranks so that they save the same step together.
-                    if any_rank(stop_requested(), self.device):
-                        path = self.save_checkpoint()
-                        log.warning("stop requested: saved %s at step %d", path, self.step)
+                    if self._stop(stop_requested):
                         return FitResult("stopped", self.step)
         finally:
             self.logbook.close()
         return FitResult("finished", self.step, self._finish())
-
-    def _bank_time(self) -> None:
-        # Banked into the checkpointed total at every save, so the wall time of all attempts adds up.
-        now = time.perf_counter()
-        self.wall_time += now - getattr(self, "_clock", now)
-        self._clock = now
 
     def _finish(self) -> dict:
         """Export the backbones and write the run's summary (main rank)."""
@@ -229,11 +223,7 @@ class PretrainTrainer:
     def state_dict(self) -> dict:
         """Everything an exact resume needs (call on every rank: RNG states are gathered to all)."""
         rng = {"global": capture_rng_state(), "mask": self.mask_generator.get_state(), "data": self.data.state_dict()}
-        if is_distributed():
-            per_rank: list = [None] * self.dist.world_size
-            dist.all_gather_object(per_rank, rng)
-        else:
-            per_rank = [rng]
+        per_rank = self._gather_rng(rng)
         return {
             "format": FORMAT,
             "kind": "pretrain",
@@ -258,19 +248,12 @@ class PretrainTrainer:
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.wall_time = float(state.get("wall_time_s", 0.0))
-        per_rank = state.get("rng_per_rank") or []
-        if len(per_rank) == self.dist.world_size:
-            rng = per_rank[self.dist.rank]
-            restore_rng_state(rng["global"])
-            self.mask_generator.set_state(rng["mask"])
-            self.data.load_state_dict(rng["data"])
-        else:
-            log.warning(
-                "checkpoint was written by %d ranks, this job has %d: weights and optimizer resume exactly, "
-                "random streams are re-seeded",
-                len(per_rank),
-                self.dist.world_size,
-            )
+        self._restore_rng(state.get("rng_per_rank"), self._restore_streams)
+
+    def _restore_streams(self, rng: dict) -> None:
+        restore_rng_state(rng["global"])
+        self.mask_generator.set_state(rng["mask"])
+        self.data.load_state_dict(rng["data"])
 
     def _load_weights(self, state: dict) -> None:
         weights = checkpoint_model_state(state)
@@ -281,24 +264,9 @@ class PretrainTrainer:
                 f"unexpected {result.unexpected_keys[:8]} (was it written for another architecture?)"
             )
 
-    def save_checkpoint(self) -> Path:
-        """Write the full state as the checkpoint of the current step (all ranks call; rank 0 writes)."""
-        self._bank_time()
-        state = self.state_dict()
-        path = self.ckpts.path_for(self.step)
-        if self.dist.is_main:
-            path = self.ckpts.save(state, self.step)
-        if is_distributed():
-            dist.barrier()  # nobody runs ahead of a checkpoint that is not on disk yet
-        return path
-
     def resume(self) -> bool:
         """Continue from the run's newest good checkpoint; else start from `init_from` if set."""
-        found = self.ckpts.load_latest()
-        if found is not None:
-            state, path = found
-            self.load_state_dict(state)
-            log.info("resumed from %s at step %d", path, self.step)
+        if super().resume():
             return True
         if self.cfg.init_from:
             ckpt = read_checkpoint(self.cfg.init_from)

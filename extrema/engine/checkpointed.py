@@ -1,0 +1,109 @@
+"""What every trainer does the same way around its checkpoints.
+
+All ranks save together (rank 0 writes, the others wait at a barrier), a run resumes from its newest good
+checkpoint, a stop request is honoured at a step boundary once any rank has seen it, the wall time of every
+attempt adds up, a finished run reports instead of retraining, and each rank's random streams travel in the
+checkpoint so that a resume with the same ranks is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from extrema.checkpoint import CheckpointManager
+from extrema.distributed import DistInfo, any_rank, is_distributed
+from extrema.engine.base import FINAL_METRICS, StopRequested
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointedRun:
+    """Mixin for the trainers. The trainer sets `run_dir`, `ckpts`, `dist`, `device`, `step`, `total_steps`
+    and `wall_time`, and defines `state_dict()` / `load_state_dict()`; `task` names it in log lines."""
+
+    task = "run"
+    run_dir: Path
+    ckpts: CheckpointManager
+    dist: DistInfo
+    device: torch.device
+    step: int
+    total_steps: int
+    wall_time: float
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def save_checkpoint(self) -> Path:
+        """Write the full state as the checkpoint of the current step (all ranks call; rank 0 writes)."""
+        self._bank_time()
+        state = self.state_dict()  # on every rank: it may gather the ranks' random streams
+        path = self.ckpts.path_for(self.step)
+        if self.dist.is_main:
+            path = self.ckpts.save(state, self.step)
+        if is_distributed():
+            dist.barrier()  # nobody runs ahead of a checkpoint that is not on disk yet
+        return path
+
+    def resume(self) -> bool:
+        """Continue from the newest good checkpoint of the run folder; False when starting fresh."""
+        found = self.ckpts.load_latest()
+        if found is None:
+            return False
+        state, path = found
+        self.load_state_dict(state)
+        log.info("resumed the %s from %s at step %d", self.task, path, self.step)
+        return True
+
+    def _stop(self, stop_requested: StopRequested) -> bool:
+        """At a step boundary: if any rank was asked to stop, all save together; True then."""
+        if not any_rank(stop_requested(), self.device):
+            return False
+        path = self.save_checkpoint()
+        log.warning("stop requested: saved %s at step %d", path, self.step)
+        return True
+
+    def _bank_time(self) -> None:
+        # Banked into the checkpointed total at every save, so the wall time of all attempts adds up.
+        now = time.perf_counter()
+        self.wall_time += now - getattr(self, "_clock", now)
+        self._clock = now
+
+    def _finished_metrics(self) -> dict | None:
+        """The final metrics of a run that already finished at this step (a requeue reports, never redoes)."""
+        path = self.run_dir / FINAL_METRICS
+        if self.step < self.total_steps or not path.is_file():
+            return None
+        record = json.loads(path.read_text())
+        return record if record.get("results", {}).get("step") == self.step else None
+
+    def _gather_rng(self, mine: Any) -> list:
+        """Every rank's random-stream state, in rank order (a collective: all ranks call it)."""
+        if not is_distributed():
+            return [mine]
+        per_rank: list = [None] * self.dist.world_size
+        dist.all_gather_object(per_rank, mine)
+        return per_rank
+
+    def _restore_rng(self, per_rank: list | None, restore: Callable[[Any], None]) -> None:
+        """Hand this rank's saved streams to `restore`; with another number of ranks, keep fresh seeds."""
+        per_rank = per_rank or []
+        if len(per_rank) == self.dist.world_size:
+            restore(per_rank[self.dist.rank])
+            return
+        log.warning(
+            "checkpoint written by %d ranks, this job has %d: weights and optimizer resume exactly, random "
+            "streams are re-seeded",
+            len(per_rank),
+            self.dist.world_size,
+        )
