@@ -21,6 +21,7 @@ import torch.distributed as dist
 from extrema.checkpoint import CheckpointManager
 from extrema.distributed import DistInfo, any_rank, is_distributed
 from extrema.engine.base import FINAL_METRICS, StopRequested
+from extrema.engine.metrics_record import dataset_info, write_eval_metrics
 
 log = logging.getLogger(__name__)
 
@@ -106,4 +107,34 @@ class CheckpointedRun:
             "streams are re-seeded",
             len(per_rank),
             self.dist.world_size,
+        )
+
+
+class EvaluationRun(CheckpointedRun):
+    """A CheckpointedRun that ends in an evaluation's metrics.json (linear probe, fast probe, finetune).
+
+    The trainer also sets `protocol`, `cfg` (with `.data`), `splits` (EvalSplits) and `weights` (WeightsSource).
+    """
+
+    protocol: str
+    cfg: Any
+    splits: Any
+    weights: Any
+
+    def _write_metrics(self, derived: dict, results: dict) -> dict:
+        """Write metrics.json (main rank) and return its record; the other ranks return the results only."""
+        if not self.dist.is_main:
+            return {"results": results}
+        data, splits = self.cfg.data, self.splits
+        return write_eval_metrics(
+            self.run_dir,
+            protocol=self.protocol,
+            config=self.cfg,
+            derived=derived,
+            results=results,
+            dataset=dataset_info(data.name, data.root, len(splits.train), len(splits.val), splits.classes),
+            weights=self.weights.as_dict(),
+            wall_time_s=self.wall_time,
+            device=self.device,
+            world_size=self.dist.world_size,
         )

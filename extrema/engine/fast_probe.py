@@ -24,7 +24,7 @@ from extrema.checkpoint import FORMAT, CheckpointError, CheckpointManager
 from extrema.config.evaluation import FastProbeConfig
 from extrema.data import make_eval_transform
 from extrema.engine.base import CHECKPOINT_DIR, FitResult, StopRequested
-from extrema.engine.checkpointed import CheckpointedRun
+from extrema.engine.checkpointed import EvaluationRun
 from extrema.engine.eval_common import (
     FrozenFeatures,
     build_encoder,
@@ -38,7 +38,6 @@ from extrema.engine.feature_cache import FeatureCache
 from extrema.engine.head_grid import GridSGD, HeadGrid, grid_loss, grid_specs, grid_topk_correct
 from extrema.engine.knn import knn_scores
 from extrema.engine.logbook import Logbook
-from extrema.engine.metrics_record import dataset_info, write_eval_metrics
 from extrema.precision import autocast
 from extrema.rng import seed_everything
 from extrema.schedules import scaled_lr, warmup_cosine
@@ -63,13 +62,14 @@ def epoch_order(num_rows: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-class FastProbeTrainer(CheckpointedRun):
+class FastProbeTrainer(EvaluationRun):
     """Feature cache + head grid + kNN; follows the Trainer protocol of `extrema.engine.base`.
 
     Its checkpoints hold the head grid only: the feature cache resumes by itself, shard by shard.
     """
 
     task = "fast probe"
+    protocol = PROTOCOL
 
     def __init__(self, cfg: FastProbeConfig, run_dir: str | Path) -> None:
         self.cfg = cfg
@@ -261,9 +261,9 @@ class FastProbeTrainer(CheckpointedRun):
             results["knn"] = self.evaluate_knn(train_x, train_y, val_x, val_y)
         results["step"] = self.step
         results["timing"] = dict(self.timing)
-        return FitResult("finished", self.step, self._write_metrics(results))
+        return FitResult("finished", self.step, self._report(results))
 
-    def _write_metrics(self, results: dict) -> dict:
+    def _report(self, results: dict) -> dict:
         self._bank_time()
         chosen = results["chosen"]
         log.info(
@@ -274,8 +274,6 @@ class FastProbeTrainer(CheckpointedRun):
         )
         if "knn" in results:
             log.info("kNN (k=%d): val top-1 %.2f%%", self.cfg.knn_k, results["knn"]["top1"])
-        if not self.dist.is_main:
-            return {"results": results}
         derived = {
             "num_heads": len(self.specs),
             "steps_per_epoch": self.steps_per_epoch,
@@ -284,24 +282,7 @@ class FastProbeTrainer(CheckpointedRun):
             "train_view": "resize + center crop (features extracted once, no augmentation)",
             "feature": "un-normed [cls] after the class-attention blocks",
         }
-        return write_eval_metrics(
-            self.run_dir,
-            protocol=PROTOCOL,
-            config=self.cfg,
-            derived=derived,
-            results=results,
-            dataset=dataset_info(
-                self.cfg.data.name,
-                self.cfg.data.root,
-                len(self.splits.train),
-                len(self.splits.val),
-                self.splits.classes,
-            ),
-            weights=self.weights.as_dict(),
-            wall_time_s=self.wall_time,
-            device=self.device,
-            world_size=self.dist.world_size,
-        )
+        return self._write_metrics(derived, results)
 
     # ---- state -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

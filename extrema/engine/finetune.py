@@ -31,7 +31,7 @@ from extrema.data import IMAGENET_MEAN, IMAGENET_STD
 from extrema.data.randaugment import keep_zero_bit_posterize
 from extrema.distributed import is_distributed
 from extrema.engine.base import CHECKPOINT_DIR, FitResult, StopRequested
-from extrema.engine.checkpointed import CheckpointedRun
+from extrema.engine.checkpointed import EvaluationRun
 from extrema.engine.eval_common import (
     FINETUNE_DROPPED_KEYS,
     FINETUNE_KIND,
@@ -46,7 +46,6 @@ from extrema.engine.eval_common import (
 )
 from extrema.engine.eval_data import open_splits, per_rank_batch, sum_over_ranks, train_loader, val_batches
 from extrema.engine.logbook import Logbook
-from extrema.engine.metrics_record import dataset_info, write_eval_metrics
 from extrema.precision import autocast, make_scaler
 from extrema.rng import capture_rng_state, restore_rng_state, seed_everything
 from extrema.schedules import scaled_lr
@@ -110,10 +109,11 @@ def load_finetune_weights(model: FinetuneViT, checkpoint: str | None, branch: st
     return source
 
 
-class FinetuneTrainer(CheckpointedRun):
+class FinetuneTrainer(EvaluationRun):
     """End-to-end finetuning; follows the Trainer protocol of `extrema.engine.base`."""
 
     task = "finetune"
+    protocol = PROTOCOL
 
     def __init__(self, cfg: FinetuneConfig, run_dir: str | Path) -> None:
         self.cfg = cfg
@@ -277,8 +277,6 @@ class FinetuneTrainer(CheckpointedRun):
         results["step"] = self.step
         self._bank_time()
         log.info("finetune: top-1 %.2f%%, top-5 %.2f%%", results["top1"], results["top5"])
-        if not self.dist.is_main:
-            return {"results": results}
         derived = {
             "peak_lr": self.peak_lr,
             "batch_per_rank": self.batch_per_rank,
@@ -289,24 +287,7 @@ class FinetuneTrainer(CheckpointedRun):
             "loss": type(self.criterion).__name__,
             "model": "patch tokens -> self-attention blocks -> mean pool -> fc_norm -> Linear (no [cls])",
         }
-        return write_eval_metrics(
-            self.run_dir,
-            protocol=PROTOCOL,
-            config=self.cfg,
-            derived=derived,
-            results=results,
-            dataset=dataset_info(
-                self.cfg.data.name,
-                self.cfg.data.root,
-                len(self.splits.train),
-                len(self.splits.val),
-                self.splits.classes,
-            ),
-            weights=self.weights.as_dict(),
-            wall_time_s=self.wall_time,
-            device=self.device,
-            world_size=self.dist.world_size,
-        )
+        return self._write_metrics(derived, results)
 
     # ---- state ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -23,7 +23,7 @@ from extrema.config.evaluation import LinearProbeConfig
 from extrema.data import make_eval_transform
 from extrema.distributed import is_distributed
 from extrema.engine.base import CHECKPOINT_DIR, FitResult, StopRequested
-from extrema.engine.checkpointed import CheckpointedRun
+from extrema.engine.checkpointed import EvaluationRun
 from extrema.engine.eval_common import (
     FrozenFeatures,
     build_encoder,
@@ -35,7 +35,6 @@ from extrema.engine.eval_common import (
 from extrema.engine.eval_data import open_splits, per_rank_batch, sum_over_ranks, train_loader, val_batches
 from extrema.engine.head_grid import BN_EPS
 from extrema.engine.logbook import Logbook
-from extrema.engine.metrics_record import dataset_info, write_eval_metrics
 from extrema.precision import autocast
 from extrema.rng import capture_rng_state, restore_rng_state, seed_everything
 from extrema.schedules import scaled_lr, warmup_cosine
@@ -53,10 +52,11 @@ def build_probe_head(dim: int, num_classes: int) -> nn.Sequential:
     return head
 
 
-class LinearProbeTrainer(CheckpointedRun):
+class LinearProbeTrainer(EvaluationRun):
     """Trains the probe head on frozen features; follows the Trainer protocol of `extrema.engine.base`."""
 
     task = "linear probe"
+    protocol = PROTOCOL
 
     def __init__(self, cfg: LinearProbeConfig, run_dir: str | Path) -> None:
         self.cfg = cfg
@@ -185,28 +185,7 @@ class LinearProbeTrainer(CheckpointedRun):
         results["backbone_sha256"] = after
         results["backbone_unchanged"] = True
         results["step"] = self.step
-        record = (
-            write_eval_metrics(
-                self.run_dir,
-                protocol=PROTOCOL,
-                config=self.cfg,
-                derived=self._derived(),
-                results=results,
-                dataset=dataset_info(
-                    self.cfg.data.name,
-                    self.cfg.data.root,
-                    len(self.splits.train),
-                    len(self.splits.val),
-                    self.splits.classes,
-                ),
-                weights=self.weights.as_dict(),
-                wall_time_s=self.wall_time,
-                device=self.device,
-                world_size=self.dist.world_size,
-            )
-            if self.dist.is_main
-            else {"results": results}
-        )
+        record = self._write_metrics(self._derived(), results)
         log.info("linear probe: top-1 %.2f%%, top-5 %.2f%%", results["top1"], results["top5"])
         return record
 
