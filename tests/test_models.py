@@ -192,3 +192,31 @@ def test_keep_indices_for_the_wrong_batch_are_refused() -> None:
     student_view, _, keep = fixed_batch(batch=2)
     with pytest.raises(ValueError, match="batch"):
         encoder(student_view[:1], keep)
+
+
+def test_cpu_bf16_training_attention_matches_fp32() -> None:
+    # bf16 autocast with gradients on a CPU takes the explicit softmax(q k^T / sqrt(d)) v path instead of
+    # SDPA: same output and gradients as the fp32 SDPA path, up to bf16 rounding.
+    from extrema.models.encoder import SelfAttention
+
+    torch.manual_seed(0)
+    attn = SelfAttention(64, num_heads=4, qkv_bias=True)
+    x = torch.randn(3, 10, 64)
+
+    def run(bf16: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        attn.zero_grad(set_to_none=True)
+        inp = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            fused = attn.fused_attn
+            out = attn(inp)
+        out.float().square().sum().backward()
+        return out.float(), inp.grad, attn.qkv.weight.grad.clone(), fused
+
+    out32, gx32, gw32, fused32 = run(bf16=False)
+    out16, gx16, gw16, fused16 = run(bf16=True)
+    assert fused32 and not fused16
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attn.fused_attn  # no backward follows: SDPA
+    for got, want in ((out16, out32), (gx16, gx32), (gw16, gw32)):
+        scale = want.abs().max().item()
+        assert (got - want).abs().max().item() < 1e-2 * scale, (got - want).abs().max().item() / scale
