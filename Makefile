@@ -41,8 +41,9 @@ endif
 test: install ## Run the tests (starts the local SLURM cluster for them where root is available)
 	scripts/cluster/with-cluster.sh $(PY) -m pytest $(ARGS)
 
-lint: install ## Check the code with ruff
+lint: install ## Check the code with ruff (lint rules and formatting)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 format: install ## Format and autofix the code with ruff
 	$(PY) -m ruff format .
