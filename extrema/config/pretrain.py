@@ -81,7 +81,7 @@ class PretrainConfig:
     init_from: str | None = None
     """Checkpoint to start from (project or reference format); ignored once the run has its own."""
     compile: bool = False
-    """torch.compile the student encoder."""
+    """torch.compile the student and teacher encoders (same parameter names and checkpoints)."""
 
     def __post_init__(self) -> None:
         from extrema.masking import check_mask_settings
