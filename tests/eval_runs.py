@@ -35,7 +35,7 @@ def tiny_model_config(drop_path_rate: float = 0.0, arch: str = "vit_nano") -> Mo
 
 
 def _common(data_root: Path, cache_dir: Path, checkpoint: str | None, run: dict) -> dict:
-    run_cfg = RunConfig(precision="fp32", device="cpu", threads=1, log_every_steps=2, **run)
+    run_cfg = RunConfig(**{"precision": "fp32", "device": "cpu", "threads": 1, "log_every_steps": 2, **run})
     data = DataConfig(root=str(data_root), name="tiny", num_workers=0, cache_dir=str(cache_dir))
     return {"data": data, "run": run_cfg, "checkpoint": checkpoint}
 

@@ -155,3 +155,22 @@ def test_reference_randaugment_survives_its_top_magnitude():
         assert op(image).getextrema() == ((0, 0), (0, 0), (0, 0))
         op.magnitude = 9  # 1 bit kept: unchanged behaviour below the top
         assert op(image).tobytes() == ImageOps.posterize(image, 1).tobytes()
+
+
+def test_a_diverged_finetune_stops_without_saving(data, tmp_path):
+    from extrema.checkpoint import CheckpointManager
+    from extrema.engine.divergence import TrainingDiverged
+
+    data_root, cache = data
+    cfg = finetune_config(data_root, cache, run={"save_every_steps": 2, "log_every_steps": 1000}, model_ema=False)
+    trainer = FinetuneTrainer(cfg, tmp_path / "run")
+
+    def poison_after_step_3() -> bool:
+        if trainer.step == 3:
+            with torch.no_grad():
+                trainer.model.head.weight[0, 0] = float("inf")
+        return False
+
+    with pytest.raises(TrainingDiverged, match="between step 2 and step 4"):
+        trainer.fit(stop_requested=poison_after_step_3)
+    assert CheckpointManager(tmp_path / "run" / "checkpoints").steps() == [2]

@@ -3,7 +3,8 @@
 All ranks save together (rank 0 writes, the others wait at a barrier), a run resumes from its newest good
 checkpoint, a stop request is honoured at a step boundary once any rank has seen it, the wall time of every
 attempt adds up, a finished run reports instead of retraining, and each rank's random streams travel in the
-checkpoint so that a resume with the same ranks is exact.
+checkpoint so that a resume with the same ranks is exact. A trainer with a `guard` never saves a diverged
+state (NaN/inf loss or weights): it stops with `TrainingDiverged` and leaves its good checkpoints alone.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.distributed as dist
 from extrema.checkpoint import CheckpointManager
 from extrema.distributed import DistInfo, any_rank, is_distributed
 from extrema.engine.base import FINAL_METRICS, StopRequested
+from extrema.engine.divergence import DivergenceGuard
 from extrema.engine.metrics_record import dataset_info, write_eval_metrics
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,8 @@ class CheckpointedRun:
     step: int
     total_steps: int
     wall_time: float
+    guard: DivergenceGuard | None = None
+    """Set by trainers whose loss can diverge (pretraining, finetune); they also have `model`."""
 
     def state_dict(self) -> dict:
         raise NotImplementedError
@@ -48,6 +52,8 @@ class CheckpointedRun:
     def save_checkpoint(self) -> Path:
         """Write the full state as the checkpoint of the current step (all ranks call; rank 0 writes)."""
         self._bank_time()
+        if self.guard is not None:  # raises before anything is written: a diverged state never rotates out good ones
+            self.guard.check(self.step, self.device, self.model.parameters())
         state = self.state_dict()  # on every rank: it may gather the ranks' random streams
         path = self.ckpts.path_for(self.step)
         if self.dist.is_main:

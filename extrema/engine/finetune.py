@@ -32,6 +32,7 @@ from extrema.data.randaugment import keep_zero_bit_posterize
 from extrema.distributed import is_distributed
 from extrema.engine.base import CHECKPOINT_DIR, FitResult, StopRequested
 from extrema.engine.checkpointed import EvaluationRun
+from extrema.engine.divergence import DivergenceGuard
 from extrema.engine.eval_common import (
     FINETUNE_DROPPED_KEYS,
     FINETUNE_KIND,
@@ -167,6 +168,7 @@ class FinetuneTrainer(EvaluationRun):
         )
         self.step = 0
         self.wall_time = 0.0
+        self.guard = DivergenceGuard(watch_loss=cfg.run.precision != "fp16")
         self.best: dict = {}
         self.ckpts = CheckpointManager(self.run_dir / CHECKPOINT_DIR, keep_last=cfg.run.keep_last)
         self.logbook = Logbook(self.run_dir, self.dist.is_main, self.total_steps, PROTOCOL)
@@ -187,6 +189,7 @@ class FinetuneTrainer(EvaluationRun):
         with autocast(self.cfg.run.precision, self.device):
             logits = self.net(images)
         loss = self.criterion(logits.float(), targets)
+        self.guard.observe(loss)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         metrics = {"loss": loss.detach(), "lr": max(g["lr"] for g in self.optimizer.param_groups)}
@@ -243,6 +246,7 @@ class FinetuneTrainer(EvaluationRun):
                     if self.step % self.cfg.run.log_every_steps == 0 or self.step == self.total_steps:
                         record = {k: float(v) for k, v in metrics.items()}
                         self.logbook.write(self.step, {**record, "epoch": self.step / self.steps_per_epoch})
+                        self.guard.check(self.step, self.device)  # the loss was synced for the log anyway
                     else:
                         self.logbook.advance(self.step)
                     self._maybe_evaluate()

@@ -20,6 +20,7 @@ from extrema.config import PretrainConfig
 from extrema.distributed import dist_info, is_distributed, resolve_device
 from extrema.engine.base import CHECKPOINT_DIR, FINAL_METRICS, FitResult, StopRequested
 from extrema.engine.checkpointed import CheckpointedRun
+from extrema.engine.divergence import DivergenceGuard
 from extrema.engine.logbook import Logbook, read_metrics_log
 from extrema.engine.pretrain_data import PretrainData
 from extrema.engine.summary import write_json
@@ -95,6 +96,7 @@ class PretrainTrainer(CheckpointedRun):
         )
         self.logbook = Logbook(self.run_dir, self.dist.is_main, self.total_steps, "pretrain")
         self.wall_time = 0.0  # seconds of training, summed over every attempt
+        self.guard = DivergenceGuard(watch_loss=cfg.run.precision != "fp16")
 
     def _wrap(self, model: ExtremaModel) -> torch.nn.Module:
         net: torch.nn.Module = model
@@ -139,6 +141,7 @@ class PretrainTrainer(CheckpointedRun):
         self.net.train()
         with autocast(self.cfg.run.precision, self.device):
             out = self.net(student_view, teacher_view, keep)
+        self.guard.observe(out["loss"])
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out["loss"]).backward()
         grad_norm = None
@@ -182,6 +185,7 @@ class PretrainTrainer(CheckpointedRun):
                         record.update(epoch=round(self.epoch_float, 4), bad_images=self.data.bad_images())
                         record.update(window.read(self.step, self.cfg.optim.batch_size))
                         self.logbook.write(self.step, record)
+                        self.guard.check(self.step, self.device)  # the loss was synced for the log anyway
                     else:
                         self.logbook.advance(self.step)
                     if self.step % self.cfg.run.save_every_steps == 0 or self.step == self.total_steps:
