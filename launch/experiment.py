@@ -25,6 +25,10 @@ from launch.schema import LaunchConfig
 
 # Keys that say where and how a run executes, not what it computes: changing them keeps the experiment.
 _NOT_IDENTITY = ("name", "root", "cluster", "pipeline")
+# Settings a job may take up when it resumes without changing what its checkpoints hold: learning rates,
+# clipping, precision, and the logging and saving cadence (`<task>.<leaf>`, `<task>.optim.<leaf>` or
+# `<task>.run.<leaf>`). They change only with `pipeline.amend=true`, e.g. to continue a diverged run.
+AMENDABLE_LEAVES = ("base_lr", "min_lr", "clip_grad", "precision", "log_every_steps", "save_every_steps", "keep_last")
 
 
 class ExperimentConflict(ValueError):
@@ -82,20 +86,32 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def differing_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted keys of every leaf that differs, sorted."""
+    a, b = _flatten(old), _flatten(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """`key: old -> new` for every leaf that differs."""
     a, b = _flatten(old), _flatten(new)
-    return [
-        f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
-        for k in sorted(set(a) | set(b))
-        if a.get(k) != b.get(k)
-    ]
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in differing_keys(old, new)]
 
 
-def check_ownership(exp: Experiment, cfg: LaunchConfig) -> None:
-    """Refuse to reuse a folder made for a different config (its checkpoints would be resumed)."""
+def is_amendable(key: str) -> bool:
+    """Whether a dotted config key may change under `pipeline.amend=true` (see AMENDABLE_LEAVES)."""
+    _, _, rest = key.partition(".")
+    leaf = rest.rsplit(".", 1)[-1]
+    return leaf in AMENDABLE_LEAVES and rest in (leaf, f"optim.{leaf}", f"run.{leaf}")
+
+
+def check_ownership(exp: Experiment, cfg: LaunchConfig) -> list[str]:
+    """Refuse to reuse a folder made for a different config (its checkpoints would be resumed).
+
+    Returns the dotted keys this command amends: empty, or only amendable ones under `pipeline.amend=true`.
+    """
     if not exp.dir.exists():
-        return
+        return []
     data = exp.manifest.read() if exp.manifest.exists() else None
     if data is None:
         if any(exp.dir.iterdir()):
@@ -103,10 +119,14 @@ def check_ownership(exp: Experiment, cfg: LaunchConfig) -> None:
                 f"output folder {exp.dir} exists, is not empty and has no manifest.json: it was not made by this "
                 f"launcher. Choose another experiment name (name=...) or root (root=...)."
             )
-        return
+        return []
     new = identity(cfg)
     if data.get("config_hash") == identity_hash(new):
-        return
+        return []
+    keys = differing_keys(data.get("config", {}), new)
+    fixed = [k for k in keys if not is_amendable(k)]
+    if cfg.pipeline.amend and not fixed:
+        return keys
     diffs = config_differences(data.get("config", {}), new)
     shown = "\n  ".join(diffs[:12]) + (f"\n  ... and {len(diffs) - 12} more" if len(diffs) > 12 else "")
     hint = ""
@@ -115,6 +135,13 @@ def check_ownership(exp: Experiment, cfg: LaunchConfig) -> None:
             "\npipeline.eval_every_steps sets pretrain.run.keep_every_steps: give every command of this experiment "
             "the value it was made with (its pretraining keeps only those milestone checkpoints)."
         )
+    if not fixed:
+        hint += (
+            "\nThese settings may change when jobs resume (e.g. to continue a run that stopped with TrainingDiverged "
+            "from its last good checkpoint): add pipeline.amend=true."
+        )
+    elif cfg.pipeline.amend:
+        hint += f"\npipeline.amend=true lets only {', '.join(AMENDABLE_LEAVES)} change; not {', '.join(fixed[:6])}."
     raise ExperimentConflict(
         f"output folder {exp.dir} belongs to experiment {data.get('name')!r} with a different config:\n  {shown}\n"
         f"Resuming there would mix runs. Use another name (name={cfg.name}_v2) or root, or delete the folder.{hint}"
@@ -127,6 +154,9 @@ def prepare(exp: Experiment, cfg: LaunchConfig) -> None:
     (exp.dir / "logs").mkdir(parents=True, exist_ok=True)
     ident = identity(cfg)
     with exp.manifest.edit() as data:
+        if data.get("config") and data.get("config_hash") != identity_hash(ident):  # accepted by check_ownership
+            changes = config_differences(data["config"], ident)
+            data.setdefault("amendments", []).append({"time": now_iso(), "changes": changes})
         data.setdefault("name", cfg.name)
         data.setdefault("created", now_iso())
         data["config_hash"] = identity_hash(ident)

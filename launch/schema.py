@@ -116,6 +116,11 @@ class PipelineConfig:
     milestone_evaluations: list[str] = field(default_factory=lambda: ["fastprobe"])
     """Evaluations of each milestone checkpoint (fastprobe includes kNN; linprobe and finetune cost as much
     as the final ones)."""
+    amend: bool = False
+    """Let this command change an existing experiment's learning rates, clip_grad, precision or logging/saving
+    cadence: jobs that are submitted again resume from their checkpoints with the new values (e.g. after
+    TrainingDiverged), and the manifest records the change. Refused while an affected job is queued or running,
+    or when it already completed."""
 
     def __post_init__(self) -> None:
         for key in ("evaluations", "milestone_evaluations"):

@@ -173,4 +173,7 @@ def show_status(path: Path, console: Console) -> int:
         all_rows += rows
     console.print(status_table(all_rows, f"status of {path} (states from {source})"))
     console.print(attempts_table(all_rows))
+    for exp in experiments:  # settings changed under pipeline.amend, so that nobody mistakes the run's history
+        for amendment in Manifest(exp).read().get("amendments", []):
+            console.print(f"{exp.name}: amended at {amendment['time']}: {'; '.join(amendment['changes'])}")
     return len(all_rows)

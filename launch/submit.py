@@ -14,7 +14,7 @@ from rich.table import Table
 
 from launch.compose import load_launch_config
 from launch.dag import build_dag, render_dag
-from launch.experiment import Experiment, check_ownership, prepare
+from launch.experiment import Experiment, ExperimentConflict, check_ownership, prepare
 from launch.jobstate import current_views
 from launch.milestones import milestone_evaluations
 from launch.plan import SUBMIT, PlannedJob, plan_jobs
@@ -40,7 +40,7 @@ def plan_command(command: str, cfg: LaunchConfig) -> tuple[Experiment, list[Plan
     exp = Experiment.of(cfg)
     nodes = build_dag(cfg, command, exp)
     validate(cfg, nodes, exp.run_dir("pretrain"))
-    check_ownership(exp, cfg)
+    amended = check_ownership(exp, cfg)
     if command == "pipeline" and cfg.pipeline.eval_every_steps:
         # After the checks: the milestones come from the schedule, which needs a valid data folder and batch.
         milestones = milestone_evaluations(cfg, exp)
@@ -48,7 +48,22 @@ def plan_command(command: str, cfg: LaunchConfig) -> tuple[Experiment, list[Plan
         nodes += milestones
     entries = exp.manifest.read().get("jobs", {}) if exp.manifest.exists() else {}
     views, _ = current_views(entries)
-    return exp, plan_jobs(nodes, entries, views), views
+    planned = plan_jobs(nodes, entries, views)
+    check_amendable_now(amended, planned, exp)
+    return exp, planned, views
+
+
+def check_amendable_now(amended: list[str], planned: list[PlannedJob], exp: Experiment) -> None:
+    """An amendment must reach a job through its next submission: none may be queued, running or done."""
+    tasks = {key.partition(".")[0] for key in amended}
+    blocked = [p for p in planned if p.node.task in tasks and p.action != SUBMIT]
+    if blocked:
+        jobs = ", ".join(f"{p.node.name} ({p.why})" for p in blocked)
+        raise ExperimentConflict(
+            f"pipeline.amend changes {', '.join(amended)}, but these jobs would keep their old values: {jobs}. "
+            f"Amend only jobs that will run again: cancel queued or running ones first "
+            f"(python -m launch cancel {exp.dir}); completed ones keep the results of their settings."
+        )
 
 
 def run_command(

@@ -77,3 +77,38 @@ def test_results_of_evaluations_without_a_pretraining_show_no_recipe(tmp_path: P
     (row,) = collate(tmp_path / "exps")
     assert row.name == "ViT-Small"
     assert (row.pretrain_data, row.epochs, row.masking, row.color_aug) == (None, None, None, None)
+
+
+def test_a_diverged_pretraining_continues_only_with_an_explicit_amendment(tmp_path: Path) -> None:
+    import pytest
+
+    from launch.experiment import ExperimentConflict
+
+    data = make_dataset(tmp_path / "data")
+    exps = tmp_path / "exps"
+
+    def pretrain(*extra: str) -> int:
+        overrides = tiny_overrides(data, exps, "cluster.executor=inprocess", *extra)
+        return run_command("pretrain", overrides, console=Console(quiet=True)).exit_code
+
+    assert pretrain("pretrain.optim.base_lr=1e30") == 1  # weights overflow within the warm-up
+    job = Manifest(exps / "tiny").read()["jobs"]["pretrain"]
+    assert job["state"] == "FAILED" and job["reason"].startswith("TrainingDiverged: ")
+
+    with pytest.raises(ExperimentConflict, match=r"add pipeline.amend=true"):
+        pretrain()  # the preset's lr: a different config, refused without the explicit flag
+    with pytest.raises(ExperimentConflict, match=r"lets only .* not pretrain.optim.batch_size"):
+        pretrain("pipeline.amend=true", "pretrain.optim.batch_size=16")
+
+    assert pretrain("pipeline.amend=true") == 0
+    manifest = Manifest(exps / "tiny").read()
+    assert manifest["jobs"]["pretrain"]["state"] == "COMPLETED"
+    assert len(manifest["jobs"]["pretrain"]["attempts"]) == 2
+    assert manifest["amendments"][-1]["changes"] == ["pretrain.optim.base_lr: 1e+30 -> 0.001"]
+    assert "base_lr: 0.001" in (exps / "tiny" / "jobs" / "pretrain.yaml").read_text()
+    console = Console(record=True, width=250, file=io.StringIO())
+    show_status(exps / "tiny", console)
+    assert re.search(r"tiny: amended at \S+: pretrain.optim.base_lr: 1e\+30 -> 0.001", console.export_text())
+
+    with pytest.raises(ExperimentConflict, match=r"would keep their old values: pretrain \(completed\)"):
+        pretrain("pipeline.amend=true", "pretrain.optim.base_lr=2e-3")  # its results came from 1e-3
