@@ -71,25 +71,11 @@ class StepCase:
         return f"{self.arch}/b{self.batch}/{self.precision}/{self.device}" + ("/compile" if self.compile else "")
 
 
-class _TensorBatches:
-    """Stands in for `PretrainData`: the benchmark hands tensors to `train_step` itself."""
-
-    steps_per_epoch = 1_000_000
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-    def bad_images(self) -> int:
-        return 0
-
-
 def build_trainer(case: StepCase, run_dir: Path):
     """A `PretrainTrainer` for the case, with the recipe's model (drop-path 0.1, 80% x 5) and AdamW."""
     from extrema.config import MaskConfig, ModelConfig, OptimConfig, PretrainConfig, RunConfig
     from extrema.engine.pretrain import PretrainTrainer
+    from extrema.engine.pretrain_data import HandedBatches
 
     cfg = PretrainConfig(
         model=ModelConfig(
@@ -105,7 +91,7 @@ def build_trainer(case: StepCase, run_dir: Path):
         run=RunConfig(precision=case.precision, device=case.device, threads=case.threads, log_every_steps=10**9),
         compile=case.compile,
     )
-    return PretrainTrainer(cfg, run_dir, data=_TensorBatches())
+    return PretrainTrainer(cfg, run_dir, data=HandedBatches())
 
 
 def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:

@@ -9,27 +9,13 @@ import pytest
 import torch
 
 from extrema.engine.pretrain import PretrainTrainer
+from extrema.engine.pretrain_data import HandedBatches
 from tests.pretrain_runs import tiny_config
-
-
-class _HandedBatches:
-    """Stands in for PretrainData: the test hands its own batches to `train_step`."""
-
-    steps_per_epoch = 1000
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-    def bad_images(self) -> int:
-        return 0
 
 
 def _train(tmp_path: Path, compiled: bool, views: tuple[torch.Tensor, torch.Tensor], steps: int):
     cfg = tiny_config(tmp_path / "no-data", compile=compiled, model__drop_path_rate=0.0)
-    trainer = PretrainTrainer(cfg, tmp_path / f"compiled_{compiled}", data=_HandedBatches())
+    trainer = PretrainTrainer(cfg, tmp_path / f"compiled_{compiled}", data=HandedBatches())
     losses, first_grads = [], None
     for _ in range(steps):
         losses.append(float(trainer.train_step(*views)["loss"]))

@@ -62,3 +62,21 @@ class PretrainData:
 
     def load_state_dict(self, state: dict) -> None:
         self.loader.load_state_dict(state)
+
+
+class HandedBatches:
+    """Stands in for `PretrainData` when the caller hands its own tensors to `PretrainTrainer.train_step`
+    (notebooks, benchmarks, tests): `PretrainTrainer(cfg, run_dir, data=HandedBatches())`. It holds no
+    position, so a checkpoint resumes weights, optimizer and masks but no data stream."""
+
+    def __init__(self, steps_per_epoch: int = 1_000_000) -> None:
+        self.steps_per_epoch = steps_per_epoch  # only sets the epoch counter and the schedule's epoch length
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def bad_images(self) -> int:
+        return 0
