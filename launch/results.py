@@ -1,6 +1,8 @@
 """`python -m launch results [ROOT]`: every experiment under a root in one table with the published
 columns (name, pretrain data, epochs, masking, color-aug, wall time, linear, finetune) plus GPU-hours,
-requeues, kNN and fast-probe accuracy. Writes Markdown and CSV and prints a rich table.
+requeues, kNN and fast-probe accuracy, and how many times the experiment's settings were amended
+(`pipeline.amend=true`: its runs then mixed settings; `status` lists the changes). Writes Markdown and CSV
+and prints a rich table.
 
 A metric that does not exist (an evaluation that has not run or failed) is shown as missing ("-"),
 never as 0. Wall time sums every attempt of the pretraining job. Evaluations of milestone checkpoints
@@ -27,7 +29,7 @@ from launch.status import JobStatus, collect, find_experiments, format_duration
 MISSING = "-"
 COLUMNS = (
     "experiment", "name", "pretrain data", "epochs", "masking", "color-aug", "wall time",
-    "linear", "finetune", "GPU-hours", "requeues", "kNN", "fast-probe",
+    "linear", "finetune", "GPU-hours", "requeues", "kNN", "fast-probe", "amended",
 )  # fmt: skip
 _MODEL_NAMES = {"vit_tiny": "ViT-Tiny", "vit_small": "ViT-Small", "vit_base": "ViT-Base", "vit_large": "ViT-Large"}
 
@@ -52,6 +54,8 @@ class ResultRow:
     fast_probe: float | None
     step: int | None = None
     """Pretraining step of the evaluated milestone checkpoint; None = the final checkpoint."""
+    amendments: int = 0
+    """How many commands changed the experiment's settings under `pipeline.amend=true`."""
 
     def cells(self) -> list[str]:
         """The row as text, in COLUMNS order."""
@@ -73,6 +77,7 @@ class ResultRow:
             MISSING if self.requeues is None else str(self.requeues),
             num(self.knn, ".1f"),
             num(self.fast_probe, ".1f"),
+            str(self.amendments),
         ]
 
 
@@ -123,6 +128,7 @@ def experiment_row(experiment_dir: Path) -> ResultRow:
         requeues=pretrain_status.requeues if pretrain_status else None,
         knn=_top1(fast, "knn", "top1"),
         fast_probe=_top1(fast, "top1"),
+        amendments=len(data.get("amendments", [])),
     )
 
 

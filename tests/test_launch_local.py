@@ -65,7 +65,7 @@ def test_results_show_missing_metrics_as_missing(tmp_path: Path) -> None:
         "masking": "-",
         "color": "-",
     }
-    assert row.cells()[6:9] == ["-", "-", "-"] and row.cells()[-2:] == ["-", "-"]
+    assert row.cells()[6:9] == ["-", "-", "-"] and row.cells()[-3:] == ["-", "-", "0"]
 
 
 def test_results_of_evaluations_without_a_pretraining_show_no_recipe(tmp_path: Path) -> None:
@@ -109,6 +109,7 @@ def test_a_diverged_pretraining_continues_only_with_an_explicit_amendment(tmp_pa
     console = Console(record=True, width=250, file=io.StringIO())
     show_status(exps / "tiny", console)
     assert re.search(r"tiny: amended at \S+: pretrain.optim.base_lr: 1e\+30 -> 0.001", console.export_text())
+    assert [row.amendments for row in collate(exps)] == [1]
 
     with pytest.raises(ExperimentConflict, match=r"would keep their old values: pretrain \(completed\)"):
         pretrain("pipeline.amend=true", "pretrain.optim.base_lr=2e-3")  # its results came from 1e-3
