@@ -56,9 +56,11 @@ def plan_command(command: str, cfg: LaunchConfig) -> tuple[Experiment, list[Plan
 def check_amendable_now(amended: list[str], planned: list[PlannedJob], exp: Experiment) -> None:
     """An amendment must reach a job through its next submission: none may be queued, running or done."""
     tasks = {key.partition(".")[0] for key in amended}
-    blocked = [p for p in planned if p.node.task in tasks and p.action != SUBMIT]
+    blocked = [f"{p.node.name} ({p.why})" for p in planned if p.node.task in tasks and p.action != SUBMIT]
+    planned_tasks = {p.node.task for p in planned}
+    blocked += [f"{task} (this command submits no {task} job)" for task in sorted(tasks - planned_tasks)]
     if blocked:
-        jobs = ", ".join(f"{p.node.name} ({p.why})" for p in blocked)
+        jobs = ", ".join(blocked)
         raise ExperimentConflict(
             f"pipeline.amend changes {', '.join(amended)}, but these jobs would keep their old values: {jobs}. "
             f"Amend only jobs that will run again: cancel queued or running ones first "

@@ -113,3 +113,6 @@ def test_a_diverged_pretraining_continues_only_with_an_explicit_amendment(tmp_pa
 
     with pytest.raises(ExperimentConflict, match=r"would keep their old values: pretrain \(completed\)"):
         pretrain("pipeline.amend=true", "pretrain.optim.base_lr=2e-3")  # its results came from 1e-3
+    with pytest.raises(ExperimentConflict, match=r"pretrain \(this command submits no pretrain job\)"):
+        overrides = tiny_overrides(data, exps, "cluster.executor=inprocess", "pipeline.amend=true")
+        run_command("linprobe", [*overrides, "pretrain.optim.base_lr=2e-3"], console=Console(quiet=True))
