@@ -121,15 +121,10 @@ def count_flops_per_image(trainer, student: torch.Tensor, teacher: torch.Tensor,
     the kernels (and so what the counter sees, e.g. attention's recomputation) may differ. The optimizer
     and EMA updates are elementwise and not counted (as in every MFU convention).
     """
-    from extrema.masking import sample_masks
-
-    m = trainer.cfg.mask
-    keep = sample_masks(
-        images, trainer.model.base_encoder.num_tokens, m.ratio, m.num_masks, torch.Generator(), m.disjoint
-    )
+    keep = trainer._draw_masks(images, torch.Generator())  # a fresh stream: the timed steps' masks stay as drawn
     counter = flop_counter.FlopCounterMode(display=False, custom_mapping=_cpu_flash_attention_flops())
     with counter:
-        out = trainer.net(student[:images], teacher[:images], keep.to(student.device))
+        out = trainer.net(student[:images], teacher[:images], keep)
         out["loss"].backward()
     trainer.optimizer.zero_grad(set_to_none=True)
     by_module = counter.get_flop_counts()

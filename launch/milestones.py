@@ -38,6 +38,7 @@ def pretrain_total_steps(cfg: LaunchConfig) -> int:
     """Optimizer steps the pretraining job will run (the trainer's `total_steps`)."""
     from extrema.data import ResumableDistributedSampler, split_root
     from extrema.data.filelist import load_or_scan
+    from extrema.engine.base import run_length
 
     p = cfg.pretrain
     files, _ = load_or_scan(split_root(p.data.root, "train"), p.data.cache_dir)
@@ -45,8 +46,7 @@ def pretrain_total_steps(cfg: LaunchConfig) -> int:
     # The pretraining loader keeps full batches only (drop_last), like its sampler.
     per_rank = ResumableDistributedSampler(len(files), ranks).samples_per_rank
     steps_per_epoch = per_rank // (p.optim.batch_size // ranks)
-    schedule = p.optim.epochs * steps_per_epoch
-    return min(schedule, p.run.max_steps) if p.run.max_steps else schedule
+    return run_length(p.optim.epochs * steps_per_epoch, p.run.max_steps)
 
 
 def milestone_steps(every: int, total_steps: int) -> list[int]:
@@ -55,13 +55,12 @@ def milestone_steps(every: int, total_steps: int) -> list[int]:
 
 
 def milestone_evaluations(cfg: LaunchConfig, exp: Experiment) -> list[JobNode]:
-    """One job per milestone step and evaluation in `pipeline.milestone_evaluations`, steps in order."""
+    """One job per milestone step and evaluation in `pipeline.milestone_evaluations`, steps in order (call it
+    when `pipeline.eval_every_steps` is set)."""
     from extrema.checkpoint import CheckpointManager
     from extrema.engine.base import CHECKPOINT_DIR
 
     every = cfg.pipeline.eval_every_steps
-    if every is None:
-        return []
     checkpoints = CheckpointManager(exp.run_dir("pretrain") / CHECKPOINT_DIR)
     c = cfg.cluster
     nodes = []

@@ -22,6 +22,7 @@ from extrema.engine.pretrain import PretrainTrainer
 from jobs.manifest import Manifest
 from launch.compose import load_launch_config
 from launch.demo import DATASETS, write_random_init
+from launch.progress import read_log
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = "demo_smoke"
@@ -37,16 +38,7 @@ def _env() -> dict[str, str]:
 
 
 def _logged_steps(run_dir: Path) -> list[int]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # the line being written right now
-            continue
-    return [r["step"] for r in records if "loss" in r]
+    return [r["step"] for r in read_log(run_dir) if "loss" in r]
 
 
 def _interrupt_mid_pretraining(out: Path, pretrain_dir: Path) -> tuple[int, str]:

@@ -29,7 +29,7 @@ def test_guard_raises_once_a_loss_is_not_finite_and_names_the_steps() -> None:
 
 def test_guard_checks_the_weights_and_ignores_fp16_loss_overflows() -> None:
     weights = [torch.ones(3), torch.tensor([1.0, float("inf")])]
-    fp16 = DivergenceGuard(watch_loss=False)  # the loss scaler skips steps whose values overflowed
+    fp16 = DivergenceGuard("fp16")  # the loss scaler skips steps whose values overflowed
     fp16.observe(torch.tensor(float("inf")))
     fp16.check(step=5, device=CPU, parameters=[torch.ones(3)])
     with pytest.raises(TrainingDiverged, match="weights stopped being finite"):

@@ -117,6 +117,8 @@ class ClassSpec:
     """A texture fills the image (period drawn, small rotation); an object is placed, sized and rotated."""
     rotation: float = math.pi
     """Rotation drawn uniformly in [-rotation, rotation] (radians)."""
+    centred: bool = False
+    """A texture around a centre (rings, spokes): the centre is drawn like an object's position."""
 
 
 # Textures keep their orientation up to a small jitter (horizontal and vertical stripes are different classes).
@@ -126,10 +128,10 @@ CLASSES: dict[str, ClassSpec] = {
     "stripes_v": ClassSpec(lambda u, v, p, g: _stripes(v, u, p, g), texture=True, rotation=math.radians(12)),
     "checker": ClassSpec(_checker, texture=True, rotation=math.radians(12)),
     "dots": ClassSpec(_dots, texture=True, rotation=math.radians(12)),
-    "rings": ClassSpec(_rings, texture=True, rotation=0.0),
+    "rings": ClassSpec(_rings, texture=True, rotation=0.0, centred=True),
     "grid": ClassSpec(_grid, texture=True, rotation=math.radians(12)),
     "zigzag": ClassSpec(_zigzag, texture=True, rotation=math.radians(12)),
-    "spokes": ClassSpec(_spokes, texture=True, rotation=math.pi),
+    "spokes": ClassSpec(_spokes, texture=True, rotation=math.pi, centred=True),
     "disk": ClassSpec(_disk, texture=False),
     "square": ClassSpec(_square, texture=False),
     "triangle": ClassSpec(_triangle, texture=False),
@@ -171,7 +173,7 @@ def render(name: str, rng: np.random.Generator, size: int = 32, nuisance: Nuisan
     y, x = np.meshgrid(axis, axis, indexing="ij")  # (n, n) each; y grows downwards
     angle = rng.uniform(-spec.rotation, spec.rotation)
     centre = rng.uniform(-nuisance.shift, nuisance.shift, 2)
-    if spec.texture and name not in ("rings", "spokes"):
+    if spec.texture and not spec.centred:
         centre = np.zeros(2)  # a tiling has no centre: its phase is drawn by the mask function
     x, y = x - centre[0], y - centre[1]
     u = x * math.cos(angle) + y * math.sin(angle)

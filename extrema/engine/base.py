@@ -23,6 +23,11 @@ FINAL_METRICS = "metrics.json"
 TENSORBOARD_DIR = "tb"
 
 
+def run_length(schedule_steps: int, max_steps: int | None) -> int:
+    """Steps a run trains: its schedule's, or fewer when `run.max_steps` caps it (the schedule keeps its shape)."""
+    return min(schedule_steps, max_steps) if max_steps else schedule_steps
+
+
 @dataclass
 class FitResult:
     """How `fit` ended: "finished" (the schedule is done) or "stopped" (saved at a stop request)."""

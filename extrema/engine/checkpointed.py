@@ -20,12 +20,18 @@ import torch
 import torch.distributed as dist
 
 from extrema.checkpoint import CheckpointManager
+from extrema.config import RunConfig
 from extrema.distributed import DistInfo, any_rank, is_distributed
-from extrema.engine.base import FINAL_METRICS, StopRequested
+from extrema.engine.base import CHECKPOINT_DIR, FINAL_METRICS, StopRequested
 from extrema.engine.divergence import DivergenceGuard
 from extrema.engine.metrics_record import dataset_info, write_eval_metrics
 
 log = logging.getLogger(__name__)
+
+
+def run_checkpoints(run_dir: Path, run: RunConfig) -> CheckpointManager:
+    """The run folder's checkpoints, pruned as the run config says (keep_last, keep_every_steps milestones)."""
+    return CheckpointManager(run_dir / CHECKPOINT_DIR, keep_last=run.keep_last, keep_every_steps=run.keep_every_steps)
 
 
 class CheckpointedRun:
@@ -86,14 +92,6 @@ class CheckpointedRun:
         self.wall_time += now - getattr(self, "_clock", now)
         self._clock = now
 
-    def _finished_metrics(self) -> dict | None:
-        """The final metrics of a run that already finished at this step (a requeue reports, never redoes)."""
-        path = self.run_dir / FINAL_METRICS
-        if self.step < self.total_steps or not path.is_file():
-            return None
-        record = json.loads(path.read_text())
-        return record if record.get("results", {}).get("step") == self.step else None
-
     def _gather_rng(self, mine: Any) -> list:
         """Every rank's random-stream state, in rank order (a collective: all ranks call it)."""
         if not is_distributed():
@@ -126,6 +124,14 @@ class EvaluationRun(CheckpointedRun):
     cfg: Any
     splits: Any
     weights: Any
+
+    def _finished_metrics(self) -> dict | None:
+        """The final metrics of a run that already finished at this step (a requeue reports, never redoes)."""
+        path = self.run_dir / FINAL_METRICS
+        if self.step < self.total_steps or not path.is_file():
+            return None
+        record = json.loads(path.read_text())
+        return record if record.get("results", {}).get("step") == self.step else None
 
     def _write_metrics(self, derived: dict, results: dict) -> dict:
         """Write metrics.json (main rank) and return its record; the other ranks return the results only."""

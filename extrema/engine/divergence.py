@@ -22,22 +22,22 @@ class TrainingDiverged(RuntimeError):
 class DivergenceGuard:
     """Collects non-finite losses cheaply; `check` raises `TrainingDiverged` once any rank saw one."""
 
-    def __init__(self, watch_loss: bool = True) -> None:
+    def __init__(self, precision: str = "fp32") -> None:
         # fp16 + loss scaler: an overflow is expected now and then and the scaler skips that step, so only
         # the weights are checked there.
-        self.watch_loss = watch_loss
-        self._nonfinite: torch.Tensor | None = None
+        self.watch_loss = precision != "fp16"
+        self._loss_sum: torch.Tensor | None = None  # NaN/inf as soon as one loss since the last check was
         self.last_good_step: int | None = None
 
     def observe(self, loss: torch.Tensor) -> None:
-        """Record whether this step's loss is finite (no sync: the flag stays on the loss's device)."""
+        """Add this step's loss to the running sum (one kernel, no sync: the sum stays on the loss's device)."""
         if self.watch_loss:
-            bad = ~torch.isfinite(loss.detach()).all()
-            self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+            loss = loss.detach().float()
+            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
 
     def check(self, step: int, device: torch.device, parameters: Iterable[torch.Tensor] | None = None) -> None:
         """Raise if a loss since the last check (on any rank) or, when given, any parameter is not finite."""
-        bad = self._nonfinite is not None and bool(self._nonfinite)
+        bad = self._loss_sum is not None and not bool(torch.isfinite(self._loss_sum))
         what = "loss"
         if not bad and parameters is not None:
             tensors = [p.detach() for p in parameters]
@@ -51,5 +51,5 @@ class DivergenceGuard:
                 "settings will likely diverge again. Lower the learning rate, set optim.clip_grad, or train in "
                 "bf16/fp32, then resume."
             )
-        self._nonfinite = None
+        self._loss_sum = None
         self.last_good_step = step

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from extrema.checkpoint import FORMAT, CheckpointError, CheckpointManager
+from extrema.checkpoint import FORMAT, CheckpointError
 from extrema.config.evaluation import FastProbeConfig
 from extrema.data import make_eval_transform
-from extrema.engine.base import CHECKPOINT_DIR, FitResult, StopRequested
-from extrema.engine.checkpointed import EvaluationRun
+from extrema.engine.base import FitResult, StopRequested, run_length
+from extrema.engine.checkpointed import EvaluationRun, run_checkpoints
 from extrema.engine.eval_common import (
     FrozenFeatures,
     build_encoder,
@@ -105,11 +105,11 @@ class FastProbeTrainer(EvaluationRun):
                 f"holdout; lower batch_size"
             )
         schedule_steps = cfg.epochs * self.steps_per_epoch
-        self.total_steps = min(schedule_steps, cfg.run.max_steps) if cfg.run.max_steps else schedule_steps
+        self.total_steps = run_length(schedule_steps, cfg.run.max_steps)
         self.step = 0
         self.wall_time = 0.0
         self.timing: dict[str, float] = {}
-        self.ckpts = CheckpointManager(self.run_dir / CHECKPOINT_DIR, keep_last=cfg.run.keep_last)
+        self.ckpts = run_checkpoints(self.run_dir, cfg.run)
         self.logbook = Logbook(self.run_dir, self.dist.is_main, self.total_steps, PROTOCOL)
 
     def _fingerprint(self, split: str) -> dict:

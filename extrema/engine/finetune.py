@@ -25,13 +25,13 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from extrema.checkpoint import FORMAT, CheckpointManager
+from extrema.checkpoint import FORMAT
 from extrema.config.evaluation import FinetuneConfig
 from extrema.data import IMAGENET_MEAN, IMAGENET_STD
 from extrema.data.randaugment import keep_zero_bit_posterize
 from extrema.distributed import is_distributed
-from extrema.engine.base import CHECKPOINT_DIR, FitResult, StopRequested
-from extrema.engine.checkpointed import EvaluationRun
+from extrema.engine.base import FitResult, StopRequested, run_length
+from extrema.engine.checkpointed import EvaluationRun, run_checkpoints
 from extrema.engine.divergence import DivergenceGuard
 from extrema.engine.eval_common import (
     FINETUNE_DROPPED_KEYS,
@@ -154,7 +154,7 @@ class FinetuneTrainer(EvaluationRun):
         self.loader = train_loader(self.splits.train, self.batch_per_rank, self.dist, cfg.data, cfg.run.seed)
         self.steps_per_epoch = self.loader.steps_per_epoch
         schedule_steps = cfg.epochs * self.steps_per_epoch
-        self.total_steps = min(schedule_steps, cfg.run.max_steps) if cfg.run.max_steps else schedule_steps
+        self.total_steps = run_length(schedule_steps, cfg.run.max_steps)
         warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
         # Per-step schedule (t = optimizer step); timm applies each group's layer-decay lr_scale.
         self.scheduler = CosineLRScheduler(
@@ -168,9 +168,9 @@ class FinetuneTrainer(EvaluationRun):
         )
         self.step = 0
         self.wall_time = 0.0
-        self.guard = DivergenceGuard(watch_loss=cfg.run.precision != "fp16")
+        self.guard = DivergenceGuard(cfg.run.precision)
         self.best: dict = {}
-        self.ckpts = CheckpointManager(self.run_dir / CHECKPOINT_DIR, keep_last=cfg.run.keep_last)
+        self.ckpts = run_checkpoints(self.run_dir, cfg.run)
         self.logbook = Logbook(self.run_dir, self.dist.is_main, self.total_steps, PROTOCOL)
 
     # ---- one step ---------------------------------------------------------------------------------------------

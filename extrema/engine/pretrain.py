@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from extrema.checkpoint import FORMAT, CheckpointError, CheckpointManager, export_backbone, read_checkpoint
+from extrema.checkpoint import FORMAT, CheckpointError, export_backbone, read_checkpoint
 from extrema.checkpoint import model_state as checkpoint_model_state
 from extrema.config import PretrainConfig
 from extrema.distributed import dist_info, is_distributed, resolve_device
-from extrema.engine.base import CHECKPOINT_DIR, FINAL_METRICS, FitResult, StopRequested
-from extrema.engine.checkpointed import CheckpointedRun
+from extrema.engine.base import FINAL_METRICS, FitResult, StopRequested, run_length
+from extrema.engine.checkpointed import CheckpointedRun, run_checkpoints
 from extrema.engine.divergence import DivergenceGuard
 from extrema.engine.logbook import Logbook, read_metrics_log
 from extrema.engine.pretrain_data import PretrainData
@@ -77,7 +77,7 @@ class PretrainTrainer(CheckpointedRun):
         self.data = data or PretrainData(cfg, self.dist, self.batch_per_rank, self.device, self.run_dir)
         self.steps_per_epoch = self.data.steps_per_epoch
         schedule_steps = cfg.optim.epochs * self.steps_per_epoch
-        self.total_steps = min(schedule_steps, cfg.run.max_steps) if cfg.run.max_steps else schedule_steps
+        self.total_steps = run_length(schedule_steps, cfg.run.max_steps)
         self.peak_lr = scaled_lr(cfg.optim.base_lr, cfg.optim.batch_size)
 
         self.optimizer = build_adamw(
@@ -91,12 +91,10 @@ class PretrainTrainer(CheckpointedRun):
         self.scaler = make_scaler(cfg.run.precision, self.device)
         self.net = self._wrap(self.model)
         self.step = 0  # optimizer steps done
-        self.ckpts = CheckpointManager(
-            self.run_dir / CHECKPOINT_DIR, keep_last=cfg.run.keep_last, keep_every_steps=cfg.run.keep_every_steps
-        )
+        self.ckpts = run_checkpoints(self.run_dir, cfg.run)
         self.logbook = Logbook(self.run_dir, self.dist.is_main, self.total_steps, "pretrain")
         self.wall_time = 0.0  # seconds of training, summed over every attempt
-        self.guard = DivergenceGuard(watch_loss=cfg.run.precision != "fp16")
+        self.guard = DivergenceGuard(cfg.run.precision)
 
     def _wrap(self, model: ExtremaModel) -> torch.nn.Module:
         net: torch.nn.Module = model
@@ -164,10 +162,13 @@ class PretrainTrainer(CheckpointedRun):
         metrics["teacher_std"] = emb.std(dim=0).mean()
         return metrics
 
-    def _draw_masks(self, batch: int) -> torch.Tensor:
+    def _draw_masks(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(M, B, k) keep-indices of the configured masks, from the trainer's mask stream unless given another."""
         m = self.cfg.mask
         num_tokens = self.model.base_encoder.num_tokens
-        return sample_masks(batch, num_tokens, m.ratio, m.num_masks, self.mask_generator, m.disjoint)
+        return sample_masks(
+            batch, num_tokens, m.ratio, m.num_masks, self.mask_generator if generator is None else generator, m.disjoint
+        )
 
     # ---- the loop -----------------------------------------------------------------------------------
     def fit(self, stop_requested: StopRequested | None = None) -> FitResult:
