@@ -17,7 +17,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
 from rich.console import Console
 
-from launch.compose import CONFIG_NAME, config_dir, to_launch_config
+from launch.compose import CONFIG_NAME, config_dir, load_launch_config, to_launch_config
 from launch.schema import register_configs
 
 # Set by `run_sweep` before Hydra calls `_member` (module state survives into the basic launcher's
@@ -26,13 +26,15 @@ _COMMAND = {"name": "pipeline", "dry_run": False}
 
 
 def sweep_keys(overrides: list[str]) -> list[str]:
-    """Keys whose override sweeps over several values (`a=1,2`, `range(...)`, `choice(...)`)."""
+    """Keys whose override sweeps over several values (`a=1,2`, `range(...)`, `choice(...)`), without any
+    `+`/`++`/`~` prefix."""
     parsed = OverridesParser.create().parse_overrides(overrides)
     return [o.key_or_group for o in parsed if o.is_sweep_override()]
 
 
 def expand(overrides: list[str]) -> list[list[str]]:
-    """Every member's plain overrides (the cartesian product, as Hydra's basic sweeper forms it)."""
+    """Every member's plain overrides, one per given override and in the same order (the cartesian product,
+    as Hydra's basic sweeper forms it)."""
     parsed = OverridesParser.create().parse_overrides(overrides)
     members: list[list[str]] = [[]]
     for o in parsed:
@@ -44,13 +46,12 @@ def expand(overrides: list[str]) -> list[list[str]]:
 
 def validate_members(command: str, overrides: list[str]) -> int:
     """Compose and check every member before any is submitted; raises naming the first bad one."""
-    from launch.compose import load_launch_config
     from launch.submit import plan_command
 
+    is_swept = [o.is_sweep_override() for o in OverridesParser.create().parse_overrides(overrides)]
     members = expand(overrides)
-    keys = sweep_keys(overrides)
     for member in members:
-        swept = [m for m in member if m.split("=", 1)[0] in keys]
+        swept = [m for m, sweeps in zip(member, is_swept, strict=True) if sweeps]
         try:
             cfg = load_launch_config(member)
             cfg.name = member_name(cfg.name, ",".join(sorted(swept)))  # Hydra's override_dirname sorts too
@@ -61,12 +62,17 @@ def validate_members(command: str, overrides: list[str]) -> int:
 
 
 def member_name(base: str, override_dirname: str) -> str:
-    """`tiny` + `pretrain.mask.num_masks=8,pretrain.mask.ratio=0.9` -> `tiny_num_masks8_ratio0.9`."""
-    parts = []
-    for item in filter(None, override_dirname.split(",")):
-        key, _, value = item.partition("=")
-        parts.append(f"{key.split('.')[-1].split('/')[-1]}{value}")
+    """`tiny` + `pretrain.mask.num_masks=8,pretrain.mask.ratio=0.9` -> `tiny_num_masks8_ratio0.9`.
+
+    Ordered by key without its `+`/`++`/`~` prefix, so a force-added sweep names its members the same way.
+    """
+    items = sorted((item.partition("=") for item in filter(None, override_dirname.split(","))), key=_bare_key)
+    parts = [f"{key.split('.')[-1].split('/')[-1]}{value}" for key, _, value in items]
     return "_".join([base, *parts]) if parts else base
+
+
+def _bare_key(item: tuple[str, str, str]) -> str:
+    return item[0].lstrip("+~")
 
 
 def _member(cfg: DictConfig) -> int:
@@ -88,7 +94,7 @@ def run_sweep(command: str, overrides: list[str], dry_run: bool) -> int:
     count = validate_members(command, overrides)
     Console().print(f"sweep of {count} members over {', '.join(keys)}: every member's config is valid")
     _COMMAND.update(name=command, dry_run=dry_run)
-    others = [o.split("=", 1)[0].lstrip("+~") for o in overrides if o.split("=", 1)[0] not in keys]
+    others = [o.key_or_group for o in OverridesParser.create().parse_overrides(overrides) if not o.is_sweep_override()]
     hydra_overrides = [
         # The member's name comes from the swept keys only; run/sweep folders go under the experiments root.
         f"hydra.job.config.override_dirname.exclude_keys=[{','.join(others)}]",

@@ -210,11 +210,14 @@ def test_sweep_checks_every_member_before_anything_runs(data: Path, tmp_path: Pa
     assert not any(tmp_path.iterdir())
 
 
-def test_sweep_members_are_experiments_named_after_the_swept_values(data: Path, tmp_path: Path, capsys, monkeypatch):
+@pytest.mark.parametrize("prefix", ["", "++"])  # a force-add override sweeps like a plain one
+def test_sweep_members_are_experiments_named_after_the_swept_values(
+    data: Path, tmp_path: Path, capsys, monkeypatch, prefix: str
+):
     from launch.sweep import run_sweep
 
     monkeypatch.setenv("COLUMNS", "300")  # rich wraps at 80 columns without a terminal
-    swept = ["pretrain.mask.ratio=0.8,0.9", "pretrain.mask.num_masks=4,5"]
+    swept = [f"{prefix}pretrain.mask.ratio=0.8,0.9", "pretrain.mask.num_masks=4,5"]
     assert run_sweep("pipeline", tiny_overrides(data, tmp_path, *swept), dry_run=True) == 0
     out = capsys.readouterr().out
     for masks in (4, 5):
