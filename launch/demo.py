@@ -31,7 +31,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from extrema.checkpoint import FORMAT, atomic_save
+from extrema.checkpoint import FORMAT, atomic_save, read_checkpoint
 from extrema.config import PretrainConfig
 from extrema.data.synthetic import SyntheticSpec, generate_synthetic_dataset
 from jobs.manifest import Manifest
@@ -140,7 +140,6 @@ def write_random_init(pretrain: PretrainConfig, path: Path) -> Path:
     The baseline then differs from the pretrained backbone by the training alone. Written once; an existing
     file made for another architecture is an error rather than a silently mismatched baseline.
     """
-    from extrema.checkpoint import read_checkpoint
     from extrema.engine.pretrain import model_args
     from extrema.models.siamese import create_model
     from extrema.rng import seed_everything
@@ -300,6 +299,7 @@ class JobProgress:
             disable=not self.live,
         )
         self.tasks: dict[tuple[str, str], TaskID] = {}
+        self._done: set[tuple[str, str]] = set()  # bars at their end: their logs are not read again
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="demo-progress", daemon=True)
 
@@ -324,20 +324,24 @@ class JobProgress:
     def refresh(self) -> None:
         """Add or update one bar per job that has logged a step."""
         for exp in self.experiments:
-            if not (exp / "manifest.json").is_file():
+            if not Manifest(exp).exists():
                 continue
             for job, entry in Manifest(exp).read().get("jobs", {}).items():
+                key = (exp.name, job)
+                if key in self._done:
+                    continue
                 p = read_progress(exp / entry.get("run_dir", job))
                 if p.step is None:
                     continue
                 total = p.total_steps or max(p.step, 1)
                 info = "" if p.loss is None else f"loss {p.loss:.4f}"
-                key = (exp.name, job)
                 if key not in self.tasks:
                     self.tasks[key] = self.progress.add_task(f"{exp.name}/{job}", total=total, info=info)
                 self.progress.update(self.tasks[key], completed=min(p.step, total), total=total, info=info)
                 if not self.live:
                     self._log_line(key, p.step, total, info, p.eta_s)
+                if p.total_steps is not None and p.step >= p.total_steps:
+                    self._done.add(key)
 
     def _log_line(self, key: tuple[str, str], step: int, total: int, info: str, eta_s: float | None) -> None:
         last_time, last_step = self._logged.get(key, (0.0, -1))

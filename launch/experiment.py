@@ -86,16 +86,11 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def differing_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Dotted keys of every leaf that differs, sorted."""
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, str]:
+    """{dotted key: `key: old -> new`} for every leaf that differs, in key order."""
     a, b = _flatten(old), _flatten(new)
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-
-
-def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """`key: old -> new` for every leaf that differs."""
-    a, b = _flatten(old), _flatten(new)
-    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in differing_keys(old, new)]
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return {k: f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in keys}
 
 
 def is_amendable(key: str) -> bool:
@@ -123,14 +118,14 @@ def check_ownership(exp: Experiment, cfg: LaunchConfig) -> list[str]:
     new = identity(cfg)
     if data.get("config_hash") == identity_hash(new):
         return []
-    keys = differing_keys(data.get("config", {}), new)
-    fixed = [k for k in keys if not is_amendable(k)]
+    differences = config_differences(data.get("config", {}), new)
+    fixed = [k for k in differences if not is_amendable(k)]
     if cfg.pipeline.amend and not fixed:
-        return keys
-    diffs = config_differences(data.get("config", {}), new)
+        return list(differences)
+    diffs = list(differences.values())
     shown = "\n  ".join(diffs[:12]) + (f"\n  ... and {len(diffs) - 12} more" if len(diffs) > 12 else "")
     hint = ""
-    if any(d.startswith("pretrain.run.keep_every_steps:") for d in diffs):
+    if "pretrain.run.keep_every_steps" in differences:
         hint = (
             "\npipeline.eval_every_steps sets pretrain.run.keep_every_steps: give every command of this experiment "
             "the value it was made with (its pretraining keeps only those milestone checkpoints)."
@@ -153,13 +148,14 @@ def prepare(exp: Experiment, cfg: LaunchConfig) -> None:
     (exp.dir / "jobs").mkdir(parents=True, exist_ok=True)
     (exp.dir / "logs").mkdir(parents=True, exist_ok=True)
     ident = identity(cfg)
+    ident_hash = identity_hash(ident)
     with exp.manifest.edit() as data:
-        if data.get("config") and data.get("config_hash") != identity_hash(ident):  # accepted by check_ownership
-            changes = config_differences(data["config"], ident)
+        if data.get("config") and data.get("config_hash") != ident_hash:  # accepted by check_ownership
+            changes = list(config_differences(data["config"], ident).values())
             data.setdefault("amendments", []).append({"time": now_iso(), "changes": changes})
         data.setdefault("name", cfg.name)
         data.setdefault("created", now_iso())
-        data["config_hash"] = identity_hash(ident)
+        data["config_hash"] = ident_hash
         data["config"] = ident
         data.setdefault("jobs", {})
     (exp.dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))

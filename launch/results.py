@@ -90,9 +90,20 @@ def _top1(metrics: dict | None, *path: str) -> float | None:
     return float(node) if isinstance(node, (int, float)) else None
 
 
-def experiment_row(experiment_dir: Path) -> ResultRow:
-    """Collate one experiment: its config from the manifest, metrics from its run folders, time from SLURM."""
-    data = Manifest(experiment_dir).read()
+def _evaluation_columns(linprobe: dict | None, finetune: dict | None, fastprobe: dict | None) -> dict:
+    """The accuracy columns of a row, from the evaluations' metrics.json records (None = not run)."""
+    return {
+        "linear": _top1(linprobe, "top1"),
+        "finetune": _top1(finetune, "top1"),
+        "knn": _top1(fastprobe, "knn", "top1"),
+        "fast_probe": _top1(fastprobe, "top1"),
+    }
+
+
+def experiment_row(experiment_dir: Path, data: dict | None = None) -> ResultRow:
+    """Collate one experiment: its config from the manifest (`data`, read here when not given), metrics from
+    its run folders, time from SLURM."""
+    data = Manifest(experiment_dir).read() if data is None else data
     config = data.get("config", {})
     pre = config.get("pretrain", {})
     mask = pre.get("mask", {})
@@ -113,7 +124,6 @@ def experiment_row(experiment_dir: Path) -> ResultRow:
     ratio, count = mask.get("ratio"), mask.get("num_masks")
     if "pretrain" not in jobs:  # evaluations of weights from elsewhere (a random init, a reference file):
         pre, ratio, count = {"model": pre.get("model", {})}, None, None  # the preset's recipe did not run here
-    fast = metrics("fastprobe")
     return ResultRow(
         experiment=data.get("name", experiment_dir.name),
         name=_MODEL_NAMES.get(pre.get("model", {}).get("arch"), pre.get("model", {}).get("arch") or MISSING),
@@ -122,20 +132,18 @@ def experiment_row(experiment_dir: Path) -> ResultRow:
         masking=None if ratio is None or count is None else f"{round(100 * ratio)}%x{count}",
         color_aug=None if "augmentation" not in pre else ("yes" if pre["augmentation"] == "color" else "no"),
         wall_time_s=wall_s,
-        linear=_top1(metrics("linprobe"), "top1"),
-        finetune=_top1(metrics("finetune"), "top1"),
         gpu_hours=None if wall_s is None else wall_s / 3600 * gpus,
         requeues=pretrain_status.requeues if pretrain_status else None,
-        knn=_top1(fast, "knn", "top1"),
-        fast_probe=_top1(fast, "top1"),
         amendments=len(data.get("amendments", [])),
+        **_evaluation_columns(metrics("linprobe"), metrics("finetune"), metrics("fastprobe")),
     )
 
 
-def milestone_rows(experiment_dir: Path, final: ResultRow) -> list[ResultRow]:
-    """One row per evaluated milestone step of the experiment (oldest first); `final` is its main row."""
+def milestone_rows(experiment_dir: Path, final: ResultRow, jobs: dict[str, dict]) -> list[ResultRow]:
+    """One row per evaluated milestone step (oldest first); `final` is the experiment's main row, `jobs` its
+    manifest's job entries."""
     by_step: dict[int, dict[str, dict | None]] = {}
-    for job, entry in Manifest(experiment_dir).read().get("jobs", {}).items():
+    for job, entry in jobs.items():
         parsed = parse_milestone_job(job)
         if parsed:
             task, step = parsed
@@ -143,20 +151,8 @@ def milestone_rows(experiment_dir: Path, final: ResultRow) -> list[ResultRow]:
     rows = []
     for step in sorted(by_step):
         m = by_step[step]
-        fast = m.get("fastprobe")
-        rows.append(
-            dataclasses.replace(
-                final,
-                step=step,
-                wall_time_s=None,
-                gpu_hours=None,
-                requeues=None,
-                linear=_top1(m.get("linprobe"), "top1"),
-                finetune=_top1(m.get("finetune"), "top1"),
-                knn=_top1(fast, "knn", "top1"),
-                fast_probe=_top1(fast, "top1"),
-            )
-        )
+        columns = _evaluation_columns(m.get("linprobe"), m.get("finetune"), m.get("fastprobe"))
+        rows.append(dataclasses.replace(final, step=step, wall_time_s=None, gpu_hours=None, requeues=None, **columns))
     return rows
 
 
@@ -164,8 +160,9 @@ def collate(root: Path) -> list[ResultRow]:
     """One row per experiment under `root`, each followed by the rows of its milestone evaluations."""
     rows = []
     for experiment_dir in find_experiments(root):
-        final = experiment_row(experiment_dir)
-        rows += [final, *milestone_rows(experiment_dir, final)]
+        data = Manifest(experiment_dir).read()
+        final = experiment_row(experiment_dir, data)
+        rows += [final, *milestone_rows(experiment_dir, final, data.get("jobs", {}))]
     return rows
 
 
