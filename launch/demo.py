@@ -18,8 +18,6 @@ it exactly there. A finished demo run again submits nothing and reports its resu
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import logging
 import threading
 import time
@@ -37,7 +35,7 @@ from extrema.data.synthetic import SyntheticSpec, generate_synthetic_dataset
 from jobs.manifest import Manifest
 from launch.compose import load_launch_config
 from launch.progress import read_log, read_progress
-from launch.results import ResultRow, experiment_row
+from launch.results import ResultRow, csv_table, experiment_row, markdown_table
 from launch.status import format_duration
 from launch.submit import run_command
 
@@ -205,12 +203,8 @@ def report(
     for line in lines:
         table.add_row(*line, style="bold" if line[0] == GAIN else None)
     console.print(table)
-    md = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-    md += ["| " + " | ".join(line) + " |" for line in lines]
-    (out / "results.md").write_text(title + "\n\n" + "\n".join(md) + "\n")
-    buffer = io.StringIO()
-    csv.writer(buffer).writerows([COLUMNS, *lines])
-    (out / "results.csv").write_text(buffer.getvalue())
+    (out / "results.md").write_text(title + "\n\n" + markdown_table(COLUMNS, lines))
+    (out / "results.csv").write_text(csv_table(COLUMNS, lines))
     plot_loss(read_log(pretrain_run), out / "pretrain_loss.png")
     plot_accuracies(rows, 100 / len(spec.classes), out / "accuracies.png")
     written = ("results.md", "results.csv", "pretrain_loss.png", "accuracies.png")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,19 +167,26 @@ def collate(root: Path) -> list[ResultRow]:
     return rows
 
 
+def markdown_table(columns: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+    """A Markdown table of text cells."""
+    md = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    md += ["| " + " | ".join(line) + " |" for line in lines]
+    return "\n".join(md) + "\n"
+
+
+def csv_table(columns: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+    """The same table as CSV."""
+    out = io.StringIO()
+    csv.writer(out).writerows([columns, *lines])
+    return out.getvalue()
+
+
 def to_markdown(rows: list[ResultRow]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-    lines += ["| " + " | ".join(r.cells()) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return markdown_table(COLUMNS, [r.cells() for r in rows])
 
 
 def to_csv(rows: list[ResultRow]) -> str:
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(COLUMNS)
-    for r in rows:
-        writer.writerow(r.cells())
-    return out.getvalue()
+    return csv_table(COLUMNS, [r.cells() for r in rows])
 
 
 def to_rich(rows: list[ResultRow], title: str) -> Table:
