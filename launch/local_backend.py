@@ -1,7 +1,8 @@
 """Run planned jobs on this machine, one after the other: through submitit's LocalExecutor (each job in
 its own processes, `nodes x tasks_per_node` ranks) or inside the launcher's process.
 
-Ctrl-C stops the running job at its next step boundary, after it saved; the same command resumes it.
+Ctrl-C, or a SIGTERM to the launcher's process group, stops the running job at its next step boundary,
+after it saved; the same command resumes it.
 """
 
 from __future__ import annotations
@@ -9,13 +10,19 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import signal
 import sys
 import time
+from types import FrameType
+from typing import TYPE_CHECKING
 
 from jobs.runner import CheckpointableJob, JobOutcome, JobSpec, run_attempt
 from launch.experiment import Experiment, write_job_config
 from launch.plan import DONE_ACTION, SUBMIT, PlannedJob
 from launch.schema import ClusterConfig, LaunchConfig
+
+if TYPE_CHECKING:
+    import submitit
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +39,7 @@ def job_spec(exp: Experiment, name: str, task: str, cluster: ClusterConfig) -> J
         job_name=name,
         max_requeues=cluster.max_requeues,
         max_timeouts=cluster.max_timeouts,
+        max_crashes=cluster.max_crashes,
         signal_delay_s=cluster.signal_delay_s,
         step_pause_s=cluster.step_pause_s,
     )
@@ -101,6 +109,25 @@ def _run_submitit(exp: Experiment, spec: JobSpec, cluster: ClusterConfig, ranks:
     )
     job = executor.submit(CheckpointableJob(spec))
     exp.manifest.update_job(spec.name, job_id=f"local-{job.job_id}", log=str(job.paths.stdout))
+    # SIGTERM (a `kill` of the process group, a login node's session ending) is a Ctrl-C here: the ranks got
+    # it too and save; the launcher waits for them instead of dying first.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        _wait_for(job, spec)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    try:
+        return job.results()[0]  # rank 0's outcome; every rank returns one
+    except Exception as exc:  # submitit re-raises the job's exception as FailedJobError
+        return JobOutcome("failed", "error", None, detail=str(exc).strip().splitlines()[-1] if str(exc) else repr(exc))
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _wait_for(job: submitit.Job, spec: JobSpec) -> None:
+    """Wait until the job is done; a first Ctrl-C lets it save and stop, a second within 10 s kills it."""
     interrupted_at: float | None = None
     while True:
         try:
@@ -117,7 +144,3 @@ def _run_submitit(exp: Experiment, spec: JobSpec, cluster: ClusterConfig, ranks:
                 f"\n{spec.name}: stopping at the next step boundary after a checkpoint (Ctrl-C again to kill)",
                 file=sys.stderr,
             )
-    try:
-        return job.results()[0]  # rank 0's outcome; every rank returns one
-    except Exception as exc:  # submitit re-raises the job's exception as FailedJobError
-        return JobOutcome("failed", "error", None, detail=str(exc).strip().splitlines()[-1] if str(exc) else repr(exc))

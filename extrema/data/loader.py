@@ -25,6 +25,7 @@ from extrema.data.device_color import color_views
 from extrema.data.sampler import ResumableDistributedSampler
 from extrema.data.seeding import sample_seed, seeded_global_rng
 from extrema.data.transforms import CropWithColor
+from extrema.data.workers import ignore_stop_signals, iterate_workers
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ class ResumableLoader:
         self.sampler.set_position(0 if finished_before else self.position)
         self._pass_epoch, self._pass_start, self._consumed = self.sampler.epoch, self.sampler.position, 0
         self._pass_finished = False
-        for batch in self.loader:
+        for batch in iterate_workers(self.loader):
             self._consumed += 1
             self.skipped_total += int(batch["skipped"].sum())
             yield batch
@@ -166,6 +167,8 @@ def build_loader(
     - workers are persistent: re-forking them each epoch would copy the dataset's file list again;
     - `pin_memory` defaults to whether CUDA is available (pinned batches copy to the GPU asynchronously);
     - `prefetch_factor` batches per worker are decoded ahead (4: a step's time varies; JPEG decoding too);
+    - workers ignore stop signals and start with them held: the training process owns the stop
+      (`extrema.data.workers`);
     - the DataLoader gets its own generator: its per-iteration worker base seed would otherwise be drawn
       from torch's global RNG and shift the training process's stream (dropout, drop-path) on every resume.
     """
@@ -190,6 +193,7 @@ def build_loader(
         persistent_workers=num_workers > 0,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=ignore_stop_signals,
         multiprocessing_context=multiprocessing_context if num_workers > 0 else None,
     )
     return ResumableLoader(loader, sampler, batch_size)

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Subset
 
 from extrema.config.common import DataConfig
 from extrema.data import ImageFolderDataset, ResumableDistributedSampler, ResumableLoader, build_loader, split_root
+from extrema.data.workers import ignore_stop_signals, iterate_workers
 from extrema.distributed import DistInfo, is_distributed
 from extrema.engine.eval_common import check_same_classes
 
@@ -63,8 +64,15 @@ def val_batches(
     shard = Subset(dataset, range(info.rank, len(dataset), info.world_size))
     # Its own generator: a DataLoader iterator otherwise draws a seed from the global RNG, and evaluating
     # would shift the training's random streams (drop-path, Mixup) and break an exact resume.
-    loader = DataLoader(shard, batch_size, shuffle=False, num_workers=num_workers, generator=torch.Generator())
-    yield from loader
+    loader = DataLoader(
+        shard,
+        batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        generator=torch.Generator(),
+        worker_init_fn=ignore_stop_signals,  # the job's stop signals are the training process's to handle
+    )
+    yield from iterate_workers(loader)
 
 
 def sum_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:

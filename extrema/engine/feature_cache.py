@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from extrema.data.workers import ignore_stop_signals, iterate_workers
 from extrema.distributed import DistInfo, any_rank, is_distributed
 
 log = logging.getLogger(__name__)
@@ -130,8 +131,9 @@ class FeatureCache:
             num_workers=num_workers,
             pin_memory=device.type == "cuda",
             generator=torch.Generator(),  # leaves the global RNG alone
+            worker_init_fn=ignore_stop_signals,  # the job's stop signals are the training process's to handle
         )
-        batches = iter(loader)
+        batches = iterate_workers(loader)
         row = first_row
         for b in range(done, total_batches):
             if any_rank(stop_requested(), device):
