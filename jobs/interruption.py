@@ -11,6 +11,7 @@ request to checkpoint and come back).
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -26,8 +27,14 @@ SIGNALLED = "signalled"  # USR2 far from the time limit: `scancel --signal=USR2`
 CANCELLED = "cancelled"  # `scancel`: do not come back
 TERMINATED = "terminated"  # SIGTERM that SLURM's record does not explain (node shutdown, ...)
 INTERRUPTED = "interrupted"  # Ctrl-C / SIGTERM of a run outside SLURM
-REQUEUED_BY_SLURM = frozenset({PREEMPTED, REQUEUED})
+NODE_FAIL = "node_fail"  # SLURM lost a node of the job (NODE_FAIL) and requeued it
+CRASHED = "crashed"  # a rank died (SIGKILL, SIGSEGV, the OOM killer) or lost its peer; the job requeues itself
+STALLED = "stalled"  # the stall watchdog found no step completing in time; the job requeues itself
+ERROR = "error"  # a Python exception of the training code: the job fails
+REQUEUED_BY_SLURM = frozenset({PREEMPTED, REQUEUED, NODE_FAIL})
 REQUEUE_ITSELF = frozenset({TIMEOUT, SIGNALLED, TERMINATED})
+CRASH_CAUSES = frozenset({CRASHED, STALLED})
+"""Causes counted against the crash budget (`max_crashes`); preemptions and time limits never are."""
 
 # The controller checks time limits about every 30 s, so the warning may come that much later
 # than `--signal=USR2@delay` asks; allow for it (and for clock rounding) before calling it a timeout.
@@ -70,7 +77,9 @@ def classify(
     signals: names in arrival order (e.g. ["SIGUSR2"]); record: `jobs.slurm_cli.show_job` output or None;
     attempt_start: when this attempt started (a PreemptTime before it belongs to an earlier attempt).
     """
-    first = signals[0] if signals else None
+    # No signal here: another rank was signalled and all ranks stopped together (e.g. a node's slurmd that
+    # came back and ended what it took for a stale step of the same job id).
+    first = signals[0] if signals else "a signal to another rank only"
     if record is None:
         return Interruption(TERMINATED, f"{first}; the controller did not answer")
     state = record.get("JobState", "")
@@ -103,28 +112,56 @@ def cause_from_accounting(state: str) -> str | None:
         "REQUEUED": REQUEUED,
         "TIMEOUT": TIMEOUT,
         "CANCELLED": CANCELLED,
-        "NODE_FAIL": "node_fail",
+        "NODE_FAIL": NODE_FAIL,
         "OUT_OF_MEMORY": "out_of_memory",
         "FAILED": "failed",
         "BOOT_FAIL": "boot_fail",
     }.get(state)
 
 
+# What a rank sees when another process of the job vanished or hung: gloo's and NCCL's transport errors,
+# and torch's report of a data-loader worker that died of a signal (the OOM killer, a crash in a decoder).
+_CRASH_MESSAGES = re.compile(
+    r"gloo/transport|Connection reset by peer|Connection closed by peer|Broken pipe|Connection refused"
+    r"|Timed out waiting \d+ms for (recv|send)|NCCL (error|communicator was aborted)|ncclRemoteError"
+    r"|ncclSystemError|Watchdog caught collective operation timeout"
+    r"|DataLoader worker \(pids?\(?s?\)? [\d, ]+\) (is killed by signal|exited unexpectedly)"
+    r"|DataLoader worker \d+ \(pid \d+\) (was killed by signal|exited with status)"
+)
+
+
+def crash_symptom(exc: BaseException) -> str | None:
+    """A one-line description when `exc` means a process of the job died or hung (not a bug in the code)."""
+    try:
+        from torch.distributed import DistError
+    except ImportError:  # torch without distributed support
+        DistError = ()  # noqa: N806
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:500]
+    if isinstance(exc, DistError) or _CRASH_MESSAGES.search(str(exc)):
+        return text
+    return None
+
+
 @dataclass(frozen=True)
 class RequeuePolicy:
-    """Limits that stop requeue loops. Preemptions and requeues by SLURM never use the timeout budget."""
+    """Limits that stop requeue loops. Preemptions and requeues by SLURM never use the timeout or crash budget."""
 
     max_requeues: int = 100
     """Requeues of any cause (a safety net against loops)."""
     max_timeouts: int = 20
     """Requeues because the time limit was reached."""
+    max_crashes: int = 3
+    """Requeues after a crashed or stalled attempt."""
 
     def refusal(self, causes: list[str]) -> str | None:
         """Why one more requeue is not allowed after attempts that ended with `causes`; None if allowed."""
-        requeues = sum(c in REQUEUED_BY_SLURM | REQUEUE_ITSELF or c == "node_fail" for c in causes)
+        requeues = sum(c in REQUEUED_BY_SLURM | REQUEUE_ITSELF | CRASH_CAUSES for c in causes)
         timeouts = sum(c == TIMEOUT for c in causes)
+        crashes = sum(c in CRASH_CAUSES for c in causes)
         if timeouts > self.max_timeouts:
             return f"{timeouts} time-limit requeues exceed max_timeouts={self.max_timeouts}"
+        if crashes > self.max_crashes:
+            return f"{crashes} crashed or stalled attempts exceed max_crashes={self.max_crashes}"
         if requeues > self.max_requeues:
             return f"{requeues} requeues exceed max_requeues={self.max_requeues}"
         return None

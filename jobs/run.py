@@ -2,7 +2,11 @@
 
 This is what every task of a SLURM job step (`srun python -m jobs.run ...`) executes. The signal
 handlers go in before torch is imported, so that a preemption during start-up is not lost.
-Exit status: 0 when the job finished, was requeued or was stopped on purpose; 1 when it failed.
+Exit status: 0 when the job finished, was requeued or was stopped on purpose; 1 when it failed; 75
+(EXIT_CRASHED) when another process of the job died or hung; 76 when this rank's stall watchdog ended it.
+
+With `--after-step-status N` it runs no attempt: the batch shell calls it when srun ended with status N,
+and it fails the job or requeues it after a crash (`jobs.after_step`).
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--job-name", help="this job's name in the manifest (default: the task)")
     parser.add_argument("--max-requeues", type=int, default=100, help="requeues of any cause before failing")
     parser.add_argument("--max-timeouts", type=int, default=20, help="time-limit requeues before failing")
-    parser.add_argument("--signal-delay-s", type=int, default=90, help="seconds between USR2 and the time limit")
+    parser.add_argument("--max-crashes", type=int, default=3, help="crashed or stalled attempts before failing")
+    parser.add_argument("--signal-delay-s", type=int, default=120, help="seconds between USR2 and the time limit")
     parser.add_argument("--step-pause-s", type=float, default=0.0, help="test knob: sleep at each step boundary")
+    parser.add_argument("--after-step-status", type=int, help="run by the batch shell after srun exited with this")
     return parser.parse_args(argv)
 
 
@@ -38,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from jobs.runner import JobSpec, run_attempt
+    from jobs.runner import EXIT_CRASHED, JobSpec, run_attempt
 
     spec = JobSpec(
         task=args.task,
@@ -48,12 +54,17 @@ def main(argv: list[str] | None = None) -> int:
         job_name=args.job_name,
         max_requeues=args.max_requeues,
         max_timeouts=args.max_timeouts,
+        max_crashes=args.max_crashes,
         signal_delay_s=args.signal_delay_s,
         step_pause_s=args.step_pause_s,
     )
+    if args.after_step_status is not None:
+        from jobs.after_step import after_step
+
+        return after_step(spec, args.after_step_status)
     outcome = run_attempt(spec, flag)
     logging.getLogger("jobs.run").info("attempt ended: %s (%s) at step %s", outcome.status, outcome.cause, outcome.step)
-    return 1 if outcome.status == "failed" else 0
+    return {"failed": 1, "crashed": EXIT_CRASHED}.get(outcome.status, 0)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,13 @@ in-process):
 2. join the process group (rendezvous from the job id, so it is the same after a requeue);
 3. build the trainer from the typed config and resume from the run folder's newest verified
    checkpoint (nothing about progress lives in the submitted command or pickle);
-4. `fit(stop_requested)`: on a signal, all ranks save together at the next step boundary;
+4. `fit(stop_requested)`: on a signal, all ranks save together at the next step boundary; a stall
+   watchdog ends a rank on which no step completes in time (`jobs.watchdog`);
 5. ask SLURM why the job was stopped, and requeue it when it should come back, within the limits of
    the requeue policy; a real exception marks the job FAILED and cancels the jobs that depend on it.
+   A rank that lost its peer (a process of the job died: a crash, the OOM killer, a lost node) records
+   nothing and exits with EXIT_CRASHED: on SLURM the batch shell then requeues the job within its crash
+   budget (`jobs.after_step`).
 
 Rank 0 records each attempt (start, cause, steps, start-up time) in the experiment manifest.
 """
@@ -30,10 +34,13 @@ from jobs import interruption as intr
 from jobs.dist_env import TaskPlace, detect_place, export_rendezvous
 from jobs.manifest import Manifest, now_iso
 from jobs.signals import StopFlag
+from jobs.watchdog import StallWatchdog, clear_stall_notes, read_stall_notes, stall_note_path
 
 log = logging.getLogger(__name__)
 
 PROGRESS_FILE = ".progress.json"
+EXIT_CRASHED = 75
+"""Exit status of a rank that ended because another process of the job died or hung."""
 
 
 @dataclass
@@ -54,7 +61,9 @@ class JobSpec:
     """Requeues of any cause before the job is failed (a guard against loops)."""
     max_timeouts: int = 20
     """Requeues at the time limit before the job is failed; preemptions do not count."""
-    signal_delay_s: int = 90
+    max_crashes: int = 3
+    """Requeues after a crashed or stalled attempt before the job is failed; preemptions do not count."""
+    signal_delay_s: int = 120
     """How long before the time limit SLURM sends USR2 (`--signal=USR2@N`); used to recognise a timeout."""
     step_pause_s: float = 0.0
     """Sleep this long at every step boundary. Only for tests that must interrupt a toy model mid-run."""
@@ -66,7 +75,8 @@ class JobSpec:
 
 @dataclass
 class JobOutcome:
-    """How one attempt ended. status: finished, requeued, stopped (ended for good by a stop), failed."""
+    """How one attempt ended. status: finished, requeued, stopped (ended for good by a stop), failed, or
+    crashed (another process of the job died; the batch shell decides what follows)."""
 
     status: str
     cause: str | None = None
@@ -98,8 +108,16 @@ class _StepWatch:
     """The `stop_requested` callable: reads the stop flag, notes when the first step starts and how far
     training got (so that the next attempt can tell how much work a kill lost)."""
 
-    def __init__(self, flag: StopFlag, trainer: Any, progress_path: Path | None, pause_s: float) -> None:
+    def __init__(
+        self,
+        flag: StopFlag,
+        trainer: Any,
+        progress_path: Path | None,
+        pause_s: float,
+        watchdog: StallWatchdog | None = None,
+    ) -> None:
         self.flag, self.trainer, self.progress_path, self.pause_s = flag, trainer, progress_path, pause_s
+        self.watchdog = watchdog
         self.first_poll: float | None = None
         self.last_step: int | None = None
         self._last_write = 0.0
@@ -109,6 +127,8 @@ class _StepWatch:
         if self.first_poll is None:
             self.first_poll = now
         step = getattr(self.trainer, "step", None)
+        if self.watchdog is not None:
+            self.watchdog.beat(step)
         if step is not None and step != self.last_step:
             self.last_step = step
             # At most once a second: cheap on a shared file system, fine-grained enough for the record.
@@ -156,8 +176,12 @@ def run_attempt(spec: JobSpec, flag: StopFlag | None = None) -> JobOutcome:
         attempt.end(intr.INTERRUPTED, "KeyboardInterrupt before training started", "INTERRUPTED")
         raise
     except Exception as exc:
-        attempt.fail(exc)
-        raise
+        symptom = intr.crash_symptom(exc)
+        if symptom is None or not on_slurm:
+            attempt.fail(exc, intr.CRASHED if symptom else intr.ERROR)
+            raise
+        attempt.lost_peer(symptom)
+        return JobOutcome("crashed", intr.CRASHED, None, detail=symptom)
     finally:
         _close_process_group()
         if own_flag:
@@ -177,7 +201,7 @@ class _Attempt:
         self.slurm_start: datetime | None = None
         self.restarts_at_start: int | None = None
         self.number: int | None = None
-        self.policy = intr.RequeuePolicy(spec.max_requeues, spec.max_timeouts)
+        self.policy = intr.RequeuePolicy(spec.max_requeues, spec.max_timeouts, spec.max_crashes)
         self.progress_path = Path(spec.run_dir) / PROGRESS_FILE if place.is_main else None
 
     # ---- manifest records ----------------------------------------------------------------------------
@@ -204,21 +228,34 @@ class _Attempt:
         self.number = self.manifest.start_attempt(self.spec.name, record)
 
     def _close_previous_attempt(self) -> None:
-        """An attempt killed before it could write its end (GraceTime exceeded, node lost) gets its cause
-        from accounting, and the steps it reached from its progress file."""
+        """An attempt killed before it could write its end (GraceTime exceeded, a stalled rank ended by the
+        watchdog) gets its cause from its stall notes or accounting, and the steps it reached from its
+        progress file. One that SLURM ended as NODE_FAIL is recorded as such, whatever the rank wrote
+        while it was being killed (the controller signals a lost node's job like a requeue)."""
         assert self.manifest is not None
         job = self.manifest.job(self.spec.name) or {}
         attempts = job.get("attempts", [])
-        if not attempts or attempts[-1].get("end"):
+        if not attempts:
             return
         last = attempts[-1]
-        cause, detail = "killed", "ended without a record (killed?)"
-        if self.on_slurm and last.get("job_id") == self.place.job_id:
-            cause, detail = self._accounting_cause(last) or (cause, detail)
-        reached = _read_progress(self.progress_path) if self.progress_path else None
-        self.manifest.update_attempt(
-            self.spec.name, last["n"], end="unknown", cause=cause, detail=detail, reached_step=reached
-        )
+        same_job = self.on_slurm and last.get("job_id") == self.place.job_id
+        notes = read_stall_notes(self.spec.run_dir, str(last.get("job_id")))
+        clear_stall_notes(self.spec.run_dir)
+        if not last.get("end"):
+            cause, detail = "killed", "ended without a record (killed?)"
+            if notes:
+                cause, detail = intr.STALLED, notes[0]["detail"]
+            elif same_job:
+                cause, detail = self._accounting_cause(last) or (cause, detail)
+            reached = _read_progress(self.progress_path) if self.progress_path else None
+            self.manifest.update_attempt(
+                self.spec.name, last["n"], end="unknown", cause=cause, detail=detail, reached_step=reached
+            )
+        elif same_job and last.get("cause") not in (intr.NODE_FAIL, intr.ERROR, "finished"):
+            found = self._accounting_cause(last)
+            if found and found[0] == intr.NODE_FAIL:
+                detail = f"{found[1]} (the attempt saw {last.get('cause')}: {last.get('detail')})"
+                self.manifest.update_attempt(self.spec.name, last["n"], cause=intr.NODE_FAIL, detail=detail)
 
     def _accounting_cause(self, last: dict) -> tuple[str, str] | None:
         from jobs.slurm_cli import SlurmError, sacct_records
@@ -247,7 +284,7 @@ class _Attempt:
         self.manifest.update_attempt(self.spec.name, self.number, end=now_iso(), cause=cause, detail=detail, **fields)
         self.manifest.update_job(self.spec.name, state=state, reason=None if state == "COMPLETED" else detail)
 
-    def fail(self, exc: BaseException) -> None:
+    def fail(self, exc: BaseException, cause: str = intr.ERROR) -> None:
         """Record a real error (any rank may hold it) and cancel the jobs that depend on this one."""
         detail = f"{type(exc).__name__}: {exc}"
         log.error("job %s failed: %s\n%s", self.spec.name, detail, traceback.format_exc())
@@ -255,9 +292,22 @@ class _Attempt:
         if manifest is None:
             return
         if self.number is not None:
-            manifest.update_attempt(self.spec.name, self.number, end=now_iso(), cause="error", detail=detail)
+            manifest.update_attempt(self.spec.name, self.number, end=now_iso(), cause=cause, detail=detail)
         manifest.update_job(self.spec.name, state="FAILED", reason=detail)
         cancel_dependents(manifest, self.spec.name, f"{self.spec.name} failed: {detail}")
+
+    def lost_peer(self, symptom: str) -> None:
+        """This rank saw another process of the job die: log it, note it (rank 0) and leave the verdict to
+        the batch shell, which sees how every rank ended. The job is not marked failed."""
+        log.error(
+            "job %s: a process of this job died or hung (%s)\n%s; the batch shell requeues the job from its "
+            "newest checkpoint if the crash budget allows",
+            self.spec.name,
+            symptom,
+            traceback.format_exc(),
+        )
+        if self.manifest is not None and self.number is not None:
+            self.manifest.update_attempt(self.spec.name, self.number, crash_detail=f"rank 0: {symptom}")
 
     # ---- the training ----------------------------------------------------------------------------------
     def train(self, flag: StopFlag) -> JobOutcome:
@@ -272,8 +322,13 @@ class _Attempt:
         resumed_step = getattr(trainer, "step", None)
         if self.manifest is not None and self.number is not None:
             self.manifest.update_attempt(self.spec.name, self.number, resumed_step=resumed_step)
-        watch = _StepWatch(flag, trainer, self.progress_path, self.spec.step_pause_s)
-        result = trainer.fit(watch)
+        watchdog = self._watchdog(cfg.run)
+        watch = _StepWatch(flag, trainer, self.progress_path, self.spec.step_pause_s, watchdog)
+        try:
+            result = trainer.fit(watch)
+        finally:
+            if watchdog is not None:
+                watchdog.stop()
         timing = self._timing(watch)
         # The last poll comes before the last step; a finished or saved attempt got to result.step.
         reached = max(s for s in (watch.last_step, result.step) if s is not None)
@@ -284,6 +339,12 @@ class _Attempt:
             self.end("finished", "schedule done", "COMPLETED", **steps)
             return JobOutcome("finished", "finished", result.step, result.metrics)
         return self._after_stop(flag, result.step, steps)
+
+    def _watchdog(self, run: Any) -> StallWatchdog | None:
+        if run.stall_timeout_s is None:
+            return None
+        note = stall_note_path(self.spec.run_dir, self.place.rank)
+        return StallWatchdog(run.stall_timeout_s, run.stall_first_step_s, note, self.place.job_id).start()
 
     def _timing(self, watch: _StepWatch) -> dict:
         if watch.first_poll is None:
@@ -299,7 +360,9 @@ class _Attempt:
         if not self.place.is_main:
             return JobOutcome("stopped", None, step)
         if not self.on_slurm:
-            detail = f"{flag.first_signal} outside SLURM: run the same command again to resume"
+            detail = (
+                f"{flag.first_signal or 'a stop of another rank'} outside SLURM: run the same command again to resume"
+            )
             self.end(intr.INTERRUPTED, detail, "INTERRUPTED", signals=flag.names(), **steps)
             return JobOutcome("stopped", intr.INTERRUPTED, step, detail=detail)
         from jobs.slurm_cli import SlurmError, requeue, show_job
@@ -387,7 +450,9 @@ def _join_process_group(cfg: Any, place: TaskPlace) -> None:
         return
     from extrema.distributed import init_distributed, resolve_device
 
-    init_distributed(resolve_device(cfg.run.device, place.local_rank))
+    # A collective waits at most as long as a first step may take: the watchdog ends a stalled rank sooner,
+    # and without it a peer that hangs is still noticed (its collectives time out as a crash).
+    init_distributed(resolve_device(cfg.run.device, place.local_rank), timeout_s=int(cfg.run.stall_first_step_s))
 
 
 def _close_process_group() -> None:

@@ -2,7 +2,9 @@
 
 The script runs `srun python -m jobs.run ...` on every rank. Its shell traps SIGTERM and USR2 and keeps
 waiting for srun: SLURM signals the batch shell too on preemption and `scontrol requeue`, and a shell
-that died at once would end the job before the ranks had saved.
+that died at once would end the job before the ranks had saved. When srun ends badly (a rank crashed,
+hung or lost its peer), the shell asks `python -m jobs.run ... --after-step-status RC` whether to
+requeue the job or to fail it.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def jobs_run_command(node: JobNode, cluster: ClusterConfig, exp: Experiment) -> 
     cmd = [python, "-u", "-m", "jobs.run", node.task, str(exp.job_config(node.name)), str(exp.run_dir(node.name))]
     cmd += ["--experiment-dir", str(exp.dir), "--job-name", node.name]
     cmd += ["--max-requeues", str(cluster.max_requeues), "--max-timeouts", str(cluster.max_timeouts)]
+    cmd += ["--max-crashes", str(cluster.max_crashes)]
     cmd += ["--signal-delay-s", str(cluster.signal_delay_s)]
     if cluster.step_pause_s:
         cmd += ["--step-pause-s", str(cluster.step_pause_s)]
@@ -85,6 +88,11 @@ def render_script(node: JobNode, cluster: ClusterConfig, exp: Experiment) -> str
         "pid=$!",
         'while :; do wait "$pid"; rc=$?; kill -0 "$pid" 2>/dev/null || break; done',
         'echo "$(date +%FT%T) ranks exited with status $rc"',
+        "# A rank that crashed, hung or lost its peer cannot decide; this shell requeues the job or fails it.",
+        'if [ "$rc" -ne 0 ]; then',
+        "    " + shlex.join(jobs_run_command(node, cluster, exp)) + ' --after-step-status "$rc"',
+        "    rc=$?",
+        "fi",
         'exit "$rc"',
     ]
     return "\n".join(lines) + "\n"

@@ -63,6 +63,9 @@ class ClusterConfig:
     """Requeues of any cause before a job is failed (guards against loops)."""
     max_timeouts: int = 20
     """Requeues at the time limit before a job is failed; preemptions never count."""
+    max_crashes: int = 3
+    """Requeues after a crashed rank (killed by a signal, out of memory, lost its peer) or a stalled attempt
+    before a job is failed; preemptions and time limits never count."""
     eval_nodes: int = 1
     """Nodes of each evaluation job."""
     eval_time_limit_min: int = 1440
@@ -83,7 +86,7 @@ class ClusterConfig:
         check_choice("cluster.executor", self.executor, LOCAL_EXECUTORS)
         for name in ("nodes", "tasks_per_node", "cpus_per_task", "time_limit_min", "eval_nodes"):
             check_positive(f"cluster.{name}", getattr(self, name))
-        for name in ("gpus_per_node", "signal_delay_s", "max_requeues", "max_timeouts", "step_pause_s"):
+        for name in ("gpus_per_node", "signal_delay_s", "max_requeues", "max_timeouts", "max_crashes", "step_pause_s"):
             check_positive(f"cluster.{name}", getattr(self, name), allow_zero=True)
         check_positive("cluster.eval_time_limit_min", self.eval_time_limit_min)
         if self.signal_delay_s >= 60 * self.time_limit_min:

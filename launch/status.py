@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from jobs.manifest import MANIFEST_NAME, Manifest
@@ -37,10 +38,11 @@ class JobStatus:
 
     @property
     def requeues(self) -> int:
-        """Attempts that ended in a way that brings the job back (preempted, timeout, requeued, ...)."""
-        from jobs.interruption import REQUEUE_ITSELF, REQUEUED_BY_SLURM
+        """Attempts that ended in a way that brings the job back (preempted, timeout, requeued, crashed, ...)."""
+        from jobs.interruption import CRASH_CAUSES, REQUEUE_ITSELF, REQUEUED_BY_SLURM
 
-        return sum(1 for a in self.attempts if a.get("cause") in REQUEUE_ITSELF | REQUEUED_BY_SLURM | {"killed"})
+        comes_back = REQUEUE_ITSELF | REQUEUED_BY_SLURM | CRASH_CAUSES | {"killed"}
+        return sum(1 for a in self.attempts if a.get("cause") in comes_back)
 
 
 def find_experiments(path: Path) -> list[Path]:
@@ -125,18 +127,19 @@ def status_table(rows: list[JobStatus], title: str) -> Table:
             "-" if p.epoch is None else f"{p.epoch:.2f}",
             "-" if p.loss is None else f"{p.loss:.4f}",
             format_duration(p.eta_s) if r.view.alive else "-",
-            r.view.reason if r.view.reason not in ("None",) else "",
+            escape(r.view.reason) if r.view.reason not in (None, "None") else "",
         )
     return table
 
 
 def attempts_table(rows: list[JobStatus]) -> Table:
-    """Every attempt of every job with how it ended and why."""
+    """Every attempt of every job with how it ended and why, and the steps it trained that the next attempt
+    had to train again (lost: reached here, not in the checkpoint the next attempt resumed from)."""
     table = Table(title="attempts", title_justify="left")
-    for column in ("job", "#", "job id", "start", "end", "cause", "detail", "steps", "start-up"):
+    for column in ("job", "#", "job id", "start", "end", "cause", "detail", "steps", "lost", "start-up"):
         table.add_column(column, overflow="fold")
     for r in rows:
-        for a in r.attempts:
+        for a, following in zip(r.attempts, [*r.attempts[1:], None], strict=True):
             steps = f"{a.get('resumed_step', '?')} -> {a.get('end_step', a.get('reached_step', '?'))}"
             startup = a.get("startup_s")
             table.add_row(
@@ -146,11 +149,26 @@ def attempts_table(rows: list[JobStatus]) -> Table:
                 _clock(a.get("start")),
                 _clock(a.get("end")),
                 a.get("cause") or "-",
-                a.get("detail") or "",
+                escape(a.get("detail") or ""),
                 steps,
+                _lost(a, following),
                 "-" if startup is None else f"{startup:.1f}s",
             )
     return table
+
+
+def steps_lost(attempt: dict, following: dict | None) -> int | None:
+    """Steps `attempt` reached beyond the checkpoint `following` resumed from; None while unknown."""
+    reached = attempt.get("reached_step")
+    resumed = (following or {}).get("resumed_step")
+    if reached is None or resumed is None:
+        return None
+    return max(int(reached) - int(resumed), 0)
+
+
+def _lost(attempt: dict, following: dict | None) -> str:
+    lost = steps_lost(attempt, following)
+    return "-" if lost is None else str(lost)
 
 
 def _clock(stamp: str | None) -> str:

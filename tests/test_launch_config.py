@@ -90,7 +90,7 @@ def test_every_cluster_knob_reaches_the_batch_script(tmp_path: Path) -> None:
         "#SBATCH --exclusive", "#SBATCH --mail-type=FAIL", "#SBATCH --requeue", "module load cuda",
     ):  # fmt: skip
         assert line in script.splitlines(), f"{line!r} missing from:\n{script}"
-    assert "--max-requeues 7 --max-timeouts 3 --signal-delay-s 180" in script
+    assert "--max-requeues 7 --max-timeouts 3 --max-crashes 3 --signal-delay-s 180" in script
 
 
 @pytest.mark.parametrize(

@@ -97,6 +97,11 @@ class RunConfig:
     """Stop after this many steps in total (for tests and smoke runs); None = the full schedule."""
     threads: int | None = None
     """torch intra-op threads on CPU; None = torch's default."""
+    stall_timeout_s: float | None = 600.0
+    """A rank on which no step completes for max(this, 20 x the median step time) dumps every thread's stack
+    to the job log and ends, and the job requeues (cause `stalled`); None = no stall watchdog."""
+    stall_first_step_s: float = 1800.0
+    """The allowance of the first step of an attempt (data start-up, compilation) when the watchdog is on."""
 
     def __post_init__(self) -> None:
         check_choice("run.precision", self.precision, PRECISIONS)
@@ -106,3 +111,6 @@ class RunConfig:
         if self.keep_every_steps is not None:
             check_positive("run.keep_every_steps", self.keep_every_steps)
         check_positive("run.log_every_steps", self.log_every_steps)
+        if self.stall_timeout_s is not None:
+            check_positive("run.stall_timeout_s", self.stall_timeout_s)
+        check_positive("run.stall_first_step_s", self.stall_first_step_s)
