@@ -202,3 +202,58 @@ def wait_for_file(path: Path, timeout: float = 60, poll: float = 0.2, min_lines:
         time.sleep(poll)
     found = path.read_text() if path.is_file() else "(missing)"
     raise SlurmError(f"{path} did not get {min_lines} line(s) within {timeout:.0f}s; it holds: {found!r}")
+
+
+def rank_pid(job_id: int, rank: int, timeout: float = 60) -> int:
+    """The pid of rank `rank`'s training process of a running job (a child of slurmstepd, not a data-loader
+    worker), found by its environment; waits until it exists."""
+    deadline = time.monotonic() + timeout
+    wanted = {f"SLURM_JOB_ID={job_id}", f"SLURM_PROCID={rank}"}
+    while time.monotonic() < deadline:
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                if b"jobs.run" not in (proc / "cmdline").read_bytes():
+                    continue
+                environ = set((proc / "environ").read_bytes().decode(errors="replace").split("\0"))
+                parent = (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
+                parent_name = (Path("/proc") / parent / "comm").read_text().strip()
+            except OSError:
+                continue
+            if wanted <= environ and parent_name == "slurmstepd":
+                return int(proc.name)
+        time.sleep(0.2)
+    raise SlurmError(f"no training process of rank {rank} of job {job_id} within {timeout:.0f}s")
+
+
+def step_daemons(job_id: int) -> list[int]:
+    """Pids of the slurmstepd processes that still manage a step of `job_id` on this host."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and f"[{job_id}." in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                if (proc / "comm").read_text().strip() == "slurmstepd":
+                    pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def slurmd_pid(node: str) -> int:
+    """The pid of the local cluster's slurmd of `node` (`slurmd -N node`)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0") if proc.name.isdigit() else []
+        except OSError:
+            continue
+        if args and args[0].endswith(b"slurmd") and node.encode() in args and b"-N" in args:
+            return int(proc.name)
+    raise SlurmError(f"no slurmd of {node} is running")
+
+
+def restart_local_cluster_daemons(cluster: SlurmCluster) -> None:
+    """Start whatever daemon of the local cluster is missing (a killed slurmd) with `scripts/cluster/up.sh`."""
+    proc = subprocess.run([str(CLUSTER_UP)], env=cluster.env, capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise SlurmError(f"{CLUSTER_UP} failed ({proc.returncode}): {proc.stderr.strip()}")

@@ -116,6 +116,41 @@ def test_preemptions_never_use_the_timeout_budget() -> None:
     assert policy.refusal(["error", "cancelled"] * 10) is None  # not requeues
 
 
+def test_crashes_and_stalls_have_their_own_budget_that_preemptions_and_time_limits_never_use() -> None:
+    policy = intr.RequeuePolicy(max_requeues=100, max_timeouts=20, max_crashes=2)
+    assert policy.refusal(["crashed", "stalled"] + ["preempted", "timeout", "node_fail"] * 5) is None
+    refusal = policy.refusal(["crashed", "preempted", "stalled", "crashed"])
+    assert refusal is not None and "3 crashed or stalled attempts exceed max_crashes=2" in refusal
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:35517: "
+        "Connection reset by peer. This is typically caused by a remote worker hanging",
+        "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 20000ms for recv operation",
+        "DataLoader worker (pid 3675) is killed by signal: Killed. ",
+        "DataLoader worker (pid(s) 5818, 5819) exited unexpectedly",
+        "DataLoader worker 1 (pid 5818) was killed by signal SIGKILL (the out-of-memory killer sends it)",
+        "NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled system error, NCCL version 2.21.5",
+    ],
+)
+def test_what_a_rank_sees_when_a_process_of_its_job_died_is_a_crash(message: str) -> None:
+    assert intr.crash_symptom(RuntimeError(message)) == f"RuntimeError: {message}".strip()
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ValueError("model.img_size=31 is not a multiple of model.patch_size=4"),
+        RuntimeError("mat1 and mat2 shapes cannot be multiplied (8x64 and 32x64)"),
+        FileNotFoundError("/data/train/class_00/img_0001.jpg"),
+    ],
+)
+def test_a_bug_or_bad_input_is_not_a_crash(exc: Exception) -> None:
+    assert intr.crash_symptom(exc) is None
+
+
 def test_rendezvous_is_stable_across_attempts() -> None:
     env = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0",
            "SLURM_JOB_NODELIST": "node[1-2]"}  # fmt: skip

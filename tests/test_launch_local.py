@@ -116,3 +116,65 @@ def test_a_diverged_pretraining_continues_only_with_an_explicit_amendment(tmp_pa
     with pytest.raises(ExperimentConflict, match=r"pretrain \(this command submits no pretrain job\)"):
         overrides = tiny_overrides(data, exps, "cluster.executor=inprocess", "pipeline.amend=true")
         run_command("linprobe", [*overrides, "pretrain.optim.base_lr=2e-3"], console=Console(quiet=True))
+
+
+def test_sigterm_to_a_local_runs_process_group_with_workers_saves_and_the_same_command_resumes(tmp_path: Path) -> None:
+    """A terminal's or a script's `kill` of the process group reaches the data-loader workers too (the
+    submitit executor, 2 workers): the job saves at the next step boundary, the launcher exits 130, and
+    the same command finishes with weights equal to an uninterrupted run's."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    from extrema.checkpoint import CheckpointManager, read_checkpoint
+    from tests.launch_fixtures import REPO
+
+    data = make_dataset(tmp_path / "data")
+    training = ("pretrain.data.num_workers=2", "pretrain.run.max_steps=null", "pretrain.optim.epochs=8")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+    def launch(root: Path, *extra: str) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "launch", "pretrain", *tiny_overrides(data, root, *training, *extra)]
+        return subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    reference = launch(tmp_path / "ref")
+    run = launch(tmp_path / "run", "cluster.step_pause_s=0.3")
+    progress = tmp_path / "run" / "tiny" / "pretrain" / ".progress.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if json.loads(progress.read_text())["step"] >= 5:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.1)
+    os.killpg(run.pid, signal.SIGTERM)  # every process of the group: launcher, submitit, rank, workers
+    out, _ = run.communicate(timeout=120)
+    assert run.returncode == 130, out.decode()[-3000:]
+    job = Manifest(tmp_path / "run" / "tiny").read()["jobs"]["pretrain"]
+    assert job["state"] == "INTERRUPTED" and job["attempts"][0]["cause"] == "interrupted", job
+    stopped_at = job["attempts"][0]["end_step"]
+    assert 5 <= stopped_at < 32 and job["attempts"][0]["signals"] == ["SIGTERM"]
+
+    resumed = launch(tmp_path / "run")  # the same command (the pause is a test knob only)
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out.decode()[-3000:]
+    job = Manifest(tmp_path / "run" / "tiny").read()["jobs"]["pretrain"]
+    assert job["state"] == "COMPLETED" and job["attempts"][1]["resumed_step"] == stopped_at
+    out, _ = reference.communicate(timeout=300)
+    assert reference.returncode == 0, out.decode()[-3000:]
+
+    def final(root: Path) -> dict:
+        return read_checkpoint(CheckpointManager(root / "tiny" / "pretrain" / "checkpoints").latest_path())
+
+    ours, theirs = final(tmp_path / "run"), final(tmp_path / "ref")
+    assert ours["step"] == theirs["step"] == 32
+    for key, value in ours["model"].items():
+        assert torch.equal(value, theirs["model"][key]), key

@@ -4,7 +4,9 @@ results table, idempotent re-runs, a failing job and its cancelled dependents, a
 from __future__ import annotations
 
 import io
+import os
 import shutil
+import signal
 import time
 from datetime import datetime
 from pathlib import Path
@@ -21,7 +23,7 @@ from launch.results import collate, to_markdown
 from launch.status import collect
 from launch.submit import run_command
 from tests.launch_fixtures import make_dataset, run_launch, slurm_overrides, tiny_overrides
-from tests.slurm_helpers import SlurmCluster
+from tests.slurm_helpers import SlurmCluster, rank_pid
 
 pytestmark = pytest.mark.slurm
 
@@ -139,6 +141,40 @@ def test_requeue_limit_fails_the_job_instead_of_looping(slurm_env: SlurmCluster,
     assert jobs["pretrain"]["state"] == "FAILED" and "exceed max_requeues=0" in jobs["pretrain"]["reason"]
     assert [a["cause"] for a in jobs["pretrain"]["attempts"]] == ["signalled"]
     assert jobs["linprobe"]["state"] == "CANCELLED" and "max_requeues=0" in jobs["linprobe"]["reason"]
+
+
+def test_a_crashed_rank_requeues_the_job_until_the_crash_budget_is_spent(
+    slurm_env: SlurmCluster, data: Path, tmp_path: Path
+) -> None:
+    cluster = slurm_overrides(1, "cluster.max_crashes=1", "cluster.step_pause_s=0.3")
+    training = ("pretrain.data.num_workers=2", "pretrain.run.max_steps=null", "pretrain.optim.epochs=10")
+    overrides = tiny_overrides(data, tmp_path, *cluster, *training)
+    ids = run_command("pipeline", [*overrides, "pipeline.evaluations=[linprobe]"], console=_console()).submitted
+    job, exp = int(ids["pretrain"]), tmp_path / "tiny"
+
+    def crash_after_a_step(attempt: int) -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            attempts = Manifest(exp).job("pretrain").get("attempts", [])
+            if len(attempts) >= attempt and "resumed_step" in attempts[-1]:
+                break
+            time.sleep(0.2)
+        time.sleep(1.0)
+        os.kill(rank_pid(job, 0), signal.SIGKILL)  # the OOM killer's way: no exception, no record
+
+    crash_after_a_step(1)
+    slurm_env.wait_for_state(job, {"PENDING"}, timeout=120)  # requeued by its batch shell: crash 1 of 1
+    assert slurm_env.state(int(ids["linprobe"])) == "PENDING"  # its evaluation still waits for it
+    slurm_env.release(job)
+    crash_after_a_step(2)
+    assert slurm_env.wait_until_done(job, timeout=120) == "FAILED"
+    assert slurm_env.wait_until_done(int(ids["linprobe"]), timeout=60) == "CANCELLED"
+    assert [r["State"] for r in slurm_env.sacct_rows(job)] == ["REQUEUED", "FAILED"]
+    jobs = Manifest(exp).read()["jobs"]
+    assert [a["cause"] for a in jobs["pretrain"]["attempts"]] == ["crashed", "crashed"]
+    assert "srun exited with status" in jobs["pretrain"]["attempts"][0]["detail"]
+    assert jobs["pretrain"]["state"] == "FAILED" and "exceed max_crashes=1" in jobs["pretrain"]["reason"]
+    assert jobs["linprobe"]["state"] == "CANCELLED" and "max_crashes=1" in jobs["linprobe"]["reason"]
 
 
 def test_cancel_stops_a_job_after_a_checkpoint_and_its_dependents_and_logs_show_it(
