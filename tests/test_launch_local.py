@@ -161,7 +161,7 @@ def test_sigterm_to_a_local_runs_process_group_with_workers_saves_and_the_same_c
     job = Manifest(tmp_path / "run" / "tiny").read()["jobs"]["pretrain"]
     assert job["state"] == "INTERRUPTED" and job["attempts"][0]["cause"] == "interrupted", job
     stopped_at = job["attempts"][0]["end_step"]
-    assert 5 <= stopped_at < 32 and job["attempts"][0]["signals"] == ["SIGTERM"]
+    assert 5 <= stopped_at < 32 and set(job["attempts"][0]["signals"]) == {"SIGTERM"}  # submitit forwards one too
 
     resumed = launch(tmp_path / "run")  # the same command (the pause is a test knob only)
     out, _ = resumed.communicate(timeout=300)
