@@ -148,7 +148,12 @@ class SlurmCluster:
         self.run("scontrol", "requeue", str(job_id))
 
     def release(self, job_id: int) -> None:
-        """Let a pending (e.g. just requeued) job start now instead of after SLURM's ~2-minute delay."""
+        """Let a pending (e.g. just requeued) job start now instead of after SLURM's ~2-minute delay.
+
+        Not within the second of the requeue: slurmd revokes the job's credential with a timestamp in
+        whole seconds, and a start in that same second is refused ("Job credential revoked") and FAILED.
+        """
+        time.sleep(1.5)
         self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
     def cancel(self, *job_ids: int) -> None:
