@@ -1,7 +1,9 @@
 """`python -m jobs.run TASK CONFIG.yaml RUN_DIR [options]`: one attempt of a job on this rank.
 
-This is what every task of a SLURM job step (`srun python -m jobs.run ...`) executes. The signal
-handlers go in before torch is imported, so that a preemption during start-up is not lost.
+SLURM jobs run the same attempt through submitit (`jobs.runner.CheckpointableJob`); this entry point is
+for running one by hand or under another launcher (torchrun), and for the batch shell's decision after
+a bad exit of srun. The signal handlers go in before torch is imported, so that a preemption during
+start-up is not lost.
 Exit status: 0 when the job finished, was requeued or was stopped on purpose; 1 when it failed; 75
 (EXIT_CRASHED) when another process of the job died or hung; 76 when this rank's stall watchdog ended it.
 
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from jobs.signals import StopFlag
@@ -38,13 +39,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     flag = StopFlag().install()  # first: torch is imported later, a signal during start-up must not be lost
     args = _parse(sys.argv[1:] if argv is None else argv)
-    rank = os.environ.get("SLURM_PROCID", os.environ.get("RANK", "0"))
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    from jobs.runner import EXIT_CRASHED, JobSpec, run_attempt
+    from jobs.runner import EXIT_CRASHED, JobSpec, configure_logging, run_attempt
+
+    configure_logging()
 
     spec = JobSpec(
         task=args.task,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -88,15 +89,33 @@ class JobOutcome:
 class CheckpointableJob:
     """A submitit-compatible callable: `job()` runs one attempt; `checkpoint()` resubmits the same spec.
 
-    submitit calls `checkpoint()` only if its own USR2 handler is still installed, which is the case
-    before `__call__` starts; the new submission holds the same spec, so it resumes from the run folder.
+    Its first action installs the flag-only stop handlers over submitit's own (which ignore SIGTERM and
+    tell a timeout from a preemption by elapsed time), so the job's record decides. submitit calls
+    `checkpoint()` only if its USR2 handler is still installed, i.e. for a USR2 before `__call__` starts;
+    the new submission holds the same spec, so it resumes from the run folder.
+
+    On SLURM an attempt that did not finish leaves no submitit result (`SystemExit` instead of a return):
+    `submitit.Job(folder, id).result()` then keeps waiting for the requeued job instead of reading a
+    result that says it finished. A finished attempt returns its outcome and a failed one raises, as usual.
     """
 
     def __init__(self, spec: JobSpec) -> None:
         self.spec = spec
 
     def __call__(self) -> JobOutcome:
-        return run_attempt(self.spec)
+        flag = StopFlag().install()
+        try:
+            configure_logging()
+            outcome = run_attempt(self.spec, flag)
+        finally:
+            flag.restore()
+        if outcome.status != "finished" and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+            logging.getLogger("jobs.run").info(
+                "attempt ended: %s (%s) at step %s", outcome.status, outcome.cause, outcome.step
+            )
+            logging.shutdown()
+            raise SystemExit(EXIT_CRASHED if outcome.status == "crashed" else 1 if outcome.status == "failed" else 0)
+        return outcome
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         import submitit
@@ -138,6 +157,19 @@ class _StepWatch:
         if self.pause_s and not self.flag():
             time.sleep(self.pause_s)
         return self.flag()
+
+
+def configure_logging() -> None:
+    """Log lines with time, rank, level and logger to stderr (the job log), once per process."""
+    root = logging.getLogger()
+    if any(getattr(h, "_extrema_job", False) for h in root.handlers):
+        return
+    rank = os.environ.get("SLURM_PROCID", os.environ.get("SUBMITIT_LOCAL_GLOBALID", os.environ.get("RANK", "0")))
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"))
+    handler._extrema_job = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
 
 
 def _write_progress(path: Path, step: int, total_steps: int | None) -> None:

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 SUBMIT_COMMANDS = ("pretrain", "linprobe", "fastprobe", "finetune", "pipeline")
 EXIT_USAGE = 2
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # every user-facing failure ends here with its message, not a traceback
         if not _is_user_error(exc):
             raise
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)  # user text is no markup
         return EXIT_USAGE
 
 

@@ -4,8 +4,10 @@
     manifest.json         jobs, ids, attempts, states (jobs.manifest)
     config.yaml           the full resolved launcher config of the last command
     jobs/<job>.yaml       the typed config each job runs (`python -m jobs.run TASK jobs/<job>.yaml ...`)
-    jobs/<job>.sbatch     the batch script of each SLURM job
-    logs/<job>-<id>.out   job output, appended across requeues
+    submitit/<job>/       submitit's folder of each SLURM job: <id>_submission.sh (its batch script),
+                          <id>_submitted.pkl, <id>_<task>_result.pkl, <id>_<task>_log.out|err (appended
+                          across requeues)
+    logs/submitit/        submitit's folder of the local jobs
     <job>/                run folder of each job (checkpoints/, metrics.jsonl, metrics.json)
 """
 
@@ -21,7 +23,8 @@ from omegaconf import OmegaConf
 
 from jobs.config_io import save_config
 from jobs.manifest import Manifest, now_iso
-from launch.schema import LaunchConfig
+from jobs.runner import JobSpec
+from launch.schema import ClusterConfig, LaunchConfig
 
 # Keys that say where and how a run executes, not what it computes: changing them keeps the experiment.
 _NOT_IDENTITY = ("name", "root", "cluster", "pipeline")
@@ -55,15 +58,9 @@ class Experiment:
     def job_config(self, job: str) -> Path:
         return self.dir / "jobs" / f"{job}.yaml"
 
-    def sbatch_script(self, job: str) -> Path:
-        return self.dir / "jobs" / f"{job}.sbatch"
-
-    def log_pattern(self, job: str) -> Path:
-        """SLURM output file pattern (%j = job id)."""
-        return self.dir / "logs" / f"{job}-%j.out"
-
-    def log_file(self, job: str, job_id: str) -> Path:
-        return self.dir / "logs" / f"{job}-{job_id}.out"
+    def submitit_dir(self, job: str) -> Path:
+        """submitit's folder of a SLURM job: batch scripts, pickles, results and logs of every submission."""
+        return self.dir / "submitit" / job
 
 
 def identity(cfg: LaunchConfig) -> dict[str, Any]:
@@ -159,6 +156,22 @@ def prepare(exp: Experiment, cfg: LaunchConfig) -> None:
         data["config"] = ident
         data.setdefault("jobs", {})
     (exp.dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+def job_spec(exp: Experiment, name: str, task: str, cluster: ClusterConfig) -> JobSpec:
+    """The JobSpec of one job of the experiment (what every backend submits)."""
+    return JobSpec(
+        task=task,
+        config_path=str(exp.job_config(name)),
+        run_dir=str(exp.run_dir(name)),
+        experiment_dir=str(exp.dir),
+        job_name=name,
+        max_requeues=cluster.max_requeues,
+        max_timeouts=cluster.max_timeouts,
+        max_crashes=cluster.max_crashes,
+        signal_delay_s=cluster.signal_delay_s,
+        step_pause_s=cluster.step_pause_s,
+    )
 
 
 def write_job_config(exp: Experiment, job: str, task_cfg: Any) -> Path:

@@ -17,7 +17,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from jobs.runner import CheckpointableJob, JobOutcome, JobSpec, run_attempt
-from launch.experiment import Experiment, write_job_config
+from launch.experiment import Experiment, job_spec, write_job_config
 from launch.plan import DONE_ACTION, SUBMIT, PlannedJob
 from launch.schema import ClusterConfig, LaunchConfig
 
@@ -27,22 +27,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EXIT_INTERRUPTED = 130
-
-
-def job_spec(exp: Experiment, name: str, task: str, cluster: ClusterConfig) -> JobSpec:
-    """The JobSpec of one job of the experiment."""
-    return JobSpec(
-        task=task,
-        config_path=str(exp.job_config(name)),
-        run_dir=str(exp.run_dir(name)),
-        experiment_dir=str(exp.dir),
-        job_name=name,
-        max_requeues=cluster.max_requeues,
-        max_timeouts=cluster.max_timeouts,
-        max_crashes=cluster.max_crashes,
-        signal_delay_s=cluster.signal_delay_s,
-        step_pause_s=cluster.step_pause_s,
-    )
 
 
 def run_planned(exp: Experiment, cfg: LaunchConfig, planned: list[PlannedJob]) -> int:

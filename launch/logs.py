@@ -11,12 +11,13 @@ from jobs.manifest import Manifest
 
 
 def log_files(experiment_dir: Path, job: str, entry: dict) -> list[Path]:
-    """Every log file of a job, oldest submission first (SLURM appends all attempts to one file per id)."""
+    """Every log file of a job, oldest submission first: on SLURM submitit's `<id>_<task>_log.out|err` of every
+    rank (appended across requeues), locally the recorded log and its `.err`."""
     files: list[Path] = []
-    for submission in entry.get("submissions", []):
-        path = experiment_dir / "logs" / f"{job}-{submission['job_id']}.out"
-        if path.is_file():
-            files.append(path)
+    folder = experiment_dir / entry["submitit_dir"] if entry.get("submitit_dir") else None
+    for submission in entry.get("submissions", []) if folder else []:
+        job_id = submission["job_id"]
+        files += sorted(folder.glob(f"{job_id}_*_log.out")) + sorted(folder.glob(f"{job_id}_*_log.err"))
     recorded = entry.get("log")
     if recorded:
         path = Path(recorded) if Path(recorded).is_absolute() else experiment_dir / recorded

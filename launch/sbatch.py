@@ -1,10 +1,13 @@
-"""Batch scripts for SLURM, and sbatch itself (submission and `--test-only` checks).
+"""SLURM jobs through submitit: one `SlurmExecutor` per planned job, its parameters, and sbatch's own check.
 
-The script runs `srun python -m jobs.run ...` on every rank. Its shell traps SIGTERM and USR2 and keeps
-waiting for srun: SLURM signals the batch shell too on preemption and `scontrol requeue`, and a shell
-that died at once would end the job before the ranks had saved. When srun ends badly (a rank crashed,
-hung or lost its peer), the shell asks `python -m jobs.run ... --after-step-status RC` whether to
-requeue the job or to fail it.
+Every job is the generic `CheckpointableJob`, submitted with its own executor (never `executor.batch()`,
+which would make an array) into the job's submitit folder `<experiment>/submitit/<job>/`: its batch
+script (`<id>_submission.sh`), pickle, result and logs (`<id>_<task>_log.out|err`, appended across
+requeues). submitit's script runs `srun ... python -m submitit.core._submit FOLDER` in the foreground;
+the setup lines make the batch shell trap SIGTERM and USR2, so that it outlives a preemption or
+`scontrol requeue` while the ranks save (bash runs the traps once srun returns), and the teardown lines
+hand a bad exit of srun (a crashed, hung or lost rank) to `python -m jobs.run ... --after-step-status`,
+which requeues the job or fails it.
 """
 
 from __future__ import annotations
@@ -12,50 +15,24 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 from jobs.slurm_cli import SlurmError, run_tool
 from launch.dag import JobNode
 from launch.experiment import Experiment
 from launch.schema import ClusterConfig
-
-# The sbatch options a script always carries; users' sbatch_extra may not silently replace them.
-_MANAGED = {"job-name", "nodes", "ntasks-per-node", "output", "error", "signal", "requeue", "open-mode", "dependency"}
+from launch.submitit_script import render_batch_script
 
 
-def sbatch_options(node: JobNode, cluster: ClusterConfig, exp: Experiment) -> list[tuple[str, str | None]]:
-    """(option, value) pairs of the job's `#SBATCH` lines."""
-    opts: list[tuple[str, str | None]] = [
-        ("job-name", f"{exp.dir.name}.{node.name}"),
-        ("nodes", str(node.nodes)),
-        ("ntasks-per-node", str(cluster.tasks_per_node)),
-        ("cpus-per-task", str(cluster.cpus_per_task)),
-        ("time", str(node.time_limit_min)),
-        # Save and requeue before the limit: USR2 reaches every rank signal_delay_s seconds before it.
-        ("signal", f"USR2@{cluster.signal_delay_s}"),
-        ("requeue", None),
-        ("open-mode", "append"),
-        ("output", str(exp.log_pattern(node.name))),
-        ("chdir", os.getcwd()),
-        # A job whose dependency failed is removed instead of pending forever (DependencyNeverSatisfied).
-        ("kill-on-invalid-dep", "yes"),
-    ]
-    if cluster.gpus_per_node:
-        opts.append(("gpus-per-node", str(cluster.gpus_per_node)))
-    for key in ("partition", "account", "qos", "constraint", "mem"):
-        value = getattr(cluster, key)
-        if value not in (None, ""):
-            opts.append((key, str(value)))
-    for key, value in cluster.sbatch_extra.items():
-        key = key.lstrip("-")
-        if key in _MANAGED:
-            raise ValueError(f"cluster.sbatch_extra may not set --{key}: the launcher manages it")
-        opts.append((key, value or None))
-    return opts
+def python_command(cluster: ClusterConfig) -> str:
+    """The interpreter on the nodes, as a shell word."""
+    return shlex.quote(cluster.python or sys.executable)
 
 
 def jobs_run_command(node: JobNode, cluster: ClusterConfig, exp: Experiment) -> list[str]:
-    """The command every rank runs."""
+    """`python -m jobs.run` with the job's spec (the batch shell's after-step decision uses it)."""
     python = cluster.python or sys.executable
     cmd = [python, "-u", "-m", "jobs.run", node.task, str(exp.job_config(node.name)), str(exp.run_dir(node.name))]
     cmd += ["--experiment-dir", str(exp.dir), "--job-name", node.name]
@@ -67,26 +44,23 @@ def jobs_run_command(node: JobNode, cluster: ClusterConfig, exp: Experiment) -> 
     return cmd
 
 
-def render_script(node: JobNode, cluster: ClusterConfig, exp: Experiment) -> str:
-    """The batch script of one job."""
-    lines = ["#!/bin/bash"]
-    for key, value in sbatch_options(node, cluster, exp):
-        lines.append(f"#SBATCH --{key}" if value is None else f"#SBATCH --{key}={value}")
-    lines += ["", f"# {exp.dir.name}: {node.name} ({node.task}); written by `python -m launch`", "set -uo pipefail"]
-    lines += list(cluster.setup)
-    # The launcher's own checkout first on the path, so nodes run the code that validated the config.
+def _setup(cluster: ClusterConfig) -> list[str]:
     repo = Path(__file__).resolve().parents[1]
-    lines.append(f'export PYTHONPATH={shlex.quote(str(repo))}"${{PYTHONPATH:+:$PYTHONPATH}}"')
-    for key, value in cluster.env.items():
-        lines.append(f"export {key}={shlex.quote(str(value))}")
-    lines += [
-        'echo "$(date +%FT%T) attempt of job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST"',
-        "# SIGTERM/USR2 are for the ranks (they save at the next step); this shell only waits for them.",
+    return [
+        "# SIGTERM/USR2 are for the ranks (they save at the next step); this shell only waits for srun.",
         "trap 'echo \"$(date +%T) batch shell: SIGTERM, waiting for the ranks\"' TERM",
         "trap 'echo \"$(date +%T) batch shell: USR2, waiting for the ranks\"' USR2",
-        "srun --kill-on-bad-exit=1 " + shlex.join(jobs_run_command(node, cluster, exp)) + " &",
-        "pid=$!",
-        'while :; do wait "$pid"; rc=$?; kill -0 "$pid" 2>/dev/null || break; done',
+        *cluster.setup,
+        # The launcher's own checkout first on the path, so nodes run the code that validated the config.
+        f'export PYTHONPATH={shlex.quote(str(repo))}"${{PYTHONPATH:+:$PYTHONPATH}}"',
+        *(f"export {key}={shlex.quote(str(value))}" for key, value in cluster.env.items()),
+        'echo "$(date +%FT%T) attempt of job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST"',
+    ]
+
+
+def _teardown(node: JobNode, cluster: ClusterConfig, exp: Experiment) -> list[str]:
+    return [
+        "rc=$?",  # srun's exit status: the first line after the command
         'echo "$(date +%FT%T) ranks exited with status $rc"',
         "# A rank that crashed, hung or lost its peer cannot decide; this shell requeues the job or fails it.",
         'if [ "$rc" -ne 0 ]; then',
@@ -95,25 +69,68 @@ def render_script(node: JobNode, cluster: ClusterConfig, exp: Experiment) -> str
         "fi",
         'exit "$rc"',
     ]
-    return "\n".join(lines) + "\n"
 
 
-def sbatch_command(script: Path, after: list[str]) -> list[str]:
-    cmd = ["sbatch", "--parsable"]
+def slurm_parameters(node: JobNode, cluster: ClusterConfig, exp: Experiment, after: list[str]) -> dict[str, Any]:
+    """`SlurmExecutor.update_parameters` of one job, waiting (`afterok`) for the job ids in `after`."""
+    additional: dict[str, Any] = {
+        # Pinned: submitit would read the signal from the launcher's environment (SUBMITIT_PREEMPT_SIGNAL).
+        "signal": f"USR2@{cluster.signal_delay_s}",
+        "requeue": True,
+        # A job whose dependency failed is removed instead of pending forever (DependencyNeverSatisfied).
+        "kill-on-invalid-dep": "yes",
+        "chdir": os.getcwd(),
+    }
+    if cluster.mem is not None:  # as sbatch takes it (`64G`); submitit's own mem parameter wants gigabytes
+        additional["mem"] = str(cluster.mem)
     if after:
-        cmd.append("--dependency=afterok:" + ":".join(after))
-    return [*cmd, str(script)]
+        additional["dependency"] = "afterok:" + ":".join(after)
+    for key, value in cluster.sbatch_extra.items():  # checked against the managed options when typed
+        additional[str(key).lstrip("-")] = True if value in (None, "") else str(value)
+    return {
+        "job_name": f"{exp.dir.name}.{node.name}",
+        "nodes": node.nodes,
+        "ntasks_per_node": cluster.tasks_per_node,
+        "cpus_per_task": cluster.cpus_per_task,
+        "gpus_per_node": cluster.gpus_per_node or None,
+        "time": node.time_limit_min,
+        "partition": cluster.partition,
+        "account": cluster.account,
+        "qos": cluster.qos,
+        "constraint": cluster.constraint,
+        "signal_delay_s": cluster.signal_delay_s,
+        "setup": _setup(cluster),
+        "teardown": _teardown(node, cluster, exp),
+        # srun does not inherit --cpus-per-task from sbatch since SLURM 22.05; one bad rank ends the step.
+        "srun_args": ["--kill-on-bad-exit=1", f"--cpus-per-task={cluster.cpus_per_task}"],
+        "additional_parameters": additional,
+    }
 
 
-def submit(script: Path, after: list[str]) -> str:
-    """sbatch the script (after the given job ids succeeded); returns the new job id."""
-    result = run_tool(sbatch_command(script, after))
-    return result.stdout.strip().split(";")[0]
+def batch_script(node: JobNode, cluster: ClusterConfig, exp: Experiment, after: list[str]) -> str:
+    """The script submitit will submit for this job (what `--dry-run` prints and `--test-only` checks)."""
+    return render_batch_script(
+        exp.submitit_dir(node.name), python_command(cluster), slurm_parameters(node, cluster, exp, after)
+    )
 
 
-def test_only(script: Path) -> None:
+def make_executor(node: JobNode, cluster: ClusterConfig, exp: Experiment, after: list[str]) -> Any:
+    """A `submitit.SlurmExecutor` for this one job."""
+    import submitit
+
+    executor = submitit.SlurmExecutor(
+        folder=exp.submitit_dir(node.name), max_num_timeout=cluster.max_timeouts, python=python_command(cluster)
+    )
+    executor.update_parameters(**slurm_parameters(node, cluster, exp, after))
+    return executor
+
+
+def test_only(name: str, script: str) -> None:
     """Ask sbatch whether it would accept the script (`--test-only`); raise quoting its message if not."""
-    result = run_tool(["sbatch", "--test-only", str(script)], check=False)
+    with tempfile.TemporaryDirectory(prefix="extrema-sbatch-") as tmp:
+        path = Path(tmp) / f"{name}.sh"
+        path.write_text(script)
+        result = run_tool(["sbatch", "--test-only", str(path)], check=False)
     if result.returncode != 0:
         message = (result.stderr or result.stdout).strip()
-        raise SlurmError(f"sbatch rejects the {script.stem} job: {message}")
+        raise SlurmError(f"sbatch rejects the {name} job: {message}")

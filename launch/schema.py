@@ -13,6 +13,7 @@ from hydra.core.config_store import ConfigStore
 
 from extrema.config import FastProbeConfig, FinetuneConfig, LinearProbeConfig, PretrainConfig
 from extrema.config.common import check_choice, check_positive
+from launch.script_safety import check_env, check_no_control, check_one_token, check_path_component, check_sbatch_extra
 
 BACKENDS = ("local", "slurm")
 LOCAL_EXECUTORS = ("submitit", "inprocess")
@@ -89,6 +90,15 @@ class ClusterConfig:
         for name in ("gpus_per_node", "signal_delay_s", "max_requeues", "max_timeouts", "max_crashes", "step_pause_s"):
             check_positive(f"cluster.{name}", getattr(self, name), allow_zero=True)
         check_positive("cluster.eval_time_limit_min", self.eval_time_limit_min)
+        # Values that reach the batch script or an #SBATCH line (launch.script_safety).
+        for name in ("partition", "account", "qos", "mem", "constraint"):
+            value = getattr(self, name)
+            if value is not None:
+                check_one_token(f"cluster.{name}", str(value))
+        check_sbatch_extra(self.sbatch_extra)
+        check_env(self.env)
+        if self.python is not None:
+            check_no_control("cluster.python", self.python)
         if self.signal_delay_s >= 60 * self.time_limit_min:
             raise ValueError(
                 f"cluster.signal_delay_s={self.signal_delay_s} is not shorter than cluster.time_limit_min="
@@ -156,6 +166,8 @@ class LaunchConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def __post_init__(self) -> None:
+        check_path_component("name", self.name)  # the experiment's folder and its jobs' names
+        check_no_control("root", self.root)
         every = self.pipeline.eval_every_steps
         if every is None:
             return

@@ -1,19 +1,18 @@
-"""Submit planned jobs to SLURM: write configs and batch scripts, check them with `sbatch --test-only`,
-then sbatch them in dependency order with `afterok` on the jobs they wait for."""
+"""Submit planned jobs to SLURM through submitit: check every batch script with `sbatch --test-only` first,
+then submit each job with its own `SlurmExecutor` in dependency order, `afterok` on the jobs it waits for."""
 
 from __future__ import annotations
 
 import logging
 import os
-import tempfile
-from pathlib import Path
 
 from jobs.manifest import now_iso
+from jobs.runner import CheckpointableJob
 from jobs.slurm_cli import cancel
-from launch.experiment import Experiment, write_job_config
+from launch.experiment import Experiment, job_spec, write_job_config
 from launch.jobstate import JobView
 from launch.plan import SUBMIT, PlannedJob
-from launch.sbatch import render_script, submit, test_only
+from launch.sbatch import batch_script, make_executor, test_only
 from launch.schema import LaunchConfig
 
 log = logging.getLogger(__name__)
@@ -22,23 +21,16 @@ log = logging.getLogger(__name__)
 def check_with_sbatch(exp: Experiment, cfg: LaunchConfig, planned: list[PlannedJob]) -> None:
     """Ask sbatch (`--test-only`) about every script before anything is written or submitted, so that a
     partition, account or resource request SLURM rejects fails the command with sbatch's own message."""
-    with tempfile.TemporaryDirectory(prefix="extrema-sbatch-") as tmp:
-        for p in planned:
-            if p.action == SUBMIT:
-                path = Path(tmp) / f"{p.node.name}.sbatch"
-                path.write_text(render_script(p.node, cfg.cluster, exp))
-                test_only(path)
+    for p in planned:
+        if p.action == SUBMIT:  # without the dependency: the jobs it waits for have no ids yet
+            test_only(p.node.name, batch_script(p.node, cfg.cluster, exp, after=[]))
 
 
 def submit_planned(exp: Experiment, cfg: LaunchConfig, planned: list[PlannedJob], views: dict[str, JobView]) -> dict:
     """Submit every job whose action is `submit`; returns {job name: job id} of what was submitted."""
     to_submit = [p for p in planned if p.action == SUBMIT]
-    scripts = {}
     for p in to_submit:
         write_job_config(exp, p.node.name, p.node.config)
-        path = exp.sbatch_script(p.node.name)
-        path.write_text(render_script(p.node, cfg.cluster, exp))
-        scripts[p.node.name] = path
     entries = exp.manifest.read().get("jobs", {})
     ids = {name: e.get("job_id") for name, e in entries.items()}
     submitted = {}
@@ -58,18 +50,24 @@ def submit_planned(exp: Experiment, cfg: LaunchConfig, planned: list[PlannedJob]
                 depends_on=list(p.node.depends_on),
                 run_dir=os.path.relpath(exp.run_dir(name), exp.dir),
                 config=os.path.relpath(exp.job_config(name), exp.dir),
-                script=os.path.relpath(scripts[name], exp.dir),
+                submitit_dir=os.path.relpath(exp.submitit_dir(name), exp.dir),
                 nodes=p.node.nodes,
                 gpus_per_node=cfg.cluster.gpus_per_node,
                 state="SUBMITTING",
                 reason=None,
             )
-        job_id = submit(scripts[name], after)
+        executor = make_executor(p.node, cfg.cluster, exp, after)
+        job = executor.submit(CheckpointableJob(job_spec(exp, name, p.node.task, cfg.cluster)))
+        job_id = str(job.job_id)
         ids[name] = job_id
         submitted[name] = job_id
         with exp.manifest.edit() as data:
             entry = data["jobs"][name]
-            entry.update(job_id=job_id, log=os.path.relpath(exp.log_file(name, job_id), exp.dir))
+            entry.update(
+                job_id=job_id,
+                log=os.path.relpath(job.paths.stdout, exp.dir),
+                script=os.path.relpath(job.paths.submission_file, exp.dir),
+            )
             if entry.get("state") == "SUBMITTING":  # the job may already have started and said RUNNING
                 entry["state"] = "PENDING"
             entry.setdefault("submissions", []).append({"job_id": job_id, "time": now_iso(), "after": after})

@@ -122,11 +122,12 @@ def show_dry_run(console: Console, exp: Experiment, cfg: LaunchConfig, planned: 
     if cfg.cluster.backend != "slurm":
         console.print("(local backend: the jobs run one after the other on this machine)")
         return
-    from launch.sbatch import render_script, sbatch_command
+    from launch.sbatch import batch_script
 
     for p in planned:
         if p.action != SUBMIT:
             continue
         after = [f"<{d} job id>" for d in p.after]
-        console.out(f"\n# ---- {p.node.name}: " + " ".join(sbatch_command(exp.sbatch_script(p.node.name), after)))
-        console.out(render_script(p.node, cfg.cluster, exp), highlight=False, end="")
+        script = exp.submitit_dir(p.node.name) / "<job id>_submission.sh"
+        console.out(f"\n# ---- {p.node.name}: submitit submits {script}:", highlight=False)
+        console.out(batch_script(p.node, cfg.cluster, exp, after), highlight=False, end="")

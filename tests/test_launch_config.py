@@ -12,7 +12,7 @@ from extrema.checkpoint import FORMAT, atomic_save
 from extrema.models.siamese import create_model
 from launch.compose import ConfigError, load_launch_config
 from launch.experiment import Experiment, ExperimentConflict, prepare
-from launch.sbatch import render_script
+from launch.sbatch import batch_script
 from launch.submit import plan_command, run_command
 from launch.validate import ValidationError
 from tests.launch_fixtures import make_dataset, run_launch, tiny_overrides
@@ -82,7 +82,7 @@ def test_every_cluster_knob_reaches_the_batch_script(tmp_path: Path) -> None:
     from launch.dag import build_dag
 
     exp = Experiment.of(cfg)
-    script = render_script(build_dag(cfg, "pretrain", exp)[0], cfg.cluster, exp)
+    script = batch_script(build_dag(cfg, "pretrain", exp)[0], cfg.cluster, exp, after=[])
     for line in (
         "#SBATCH --partition=gpu", "#SBATCH --account=vision", "#SBATCH --qos=high", "#SBATCH --nodes=4",
         "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8", "#SBATCH --cpus-per-task=10",
@@ -182,7 +182,8 @@ def test_dry_run_prints_dag_and_scripts_and_writes_nothing(data: Path, tmp_path:
     out = capsys.readouterr().out
     assert result.submitted == {} and not (tmp_path / "tiny").exists()
     assert "linprobe (linprobe, 1 node(s), 10 min)  [afterok: pretrain]" in out
-    assert "sbatch --parsable --dependency=afterok:<pretrain job id>" in out
+    assert "#SBATCH --dependency='afterok:<pretrain job id>'" in out  # (shell-quoted by submitit)
+    assert f"# ---- linprobe: submitit submits {tmp_path}/tiny/submitit/linprobe/<job id>_submission.sh" in out
     assert out.count("#!/bin/bash") == 4 and "jobs.run pretrain" in out and "#SBATCH --nodes=2" in out
 
 

@@ -82,6 +82,23 @@ def test_two_node_pipeline_runs_evaluations_after_pretraining(slurm_env: SlurmCl
     assert f"| {linear:.1f} | {finetune:.1f} |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "results.csv").read_text().splitlines()[1].startswith("tiny,vit_nano,tiny,2,80%x5,yes,")
 
+    # submitit's own handle tells the truth, and it submitted exactly the script --dry-run prints.
+    import submitit
+
+    from launch.compose import load_launch_config
+    from launch.dag import build_dag
+    from launch.experiment import Experiment
+    from launch.sbatch import batch_script
+
+    outcome = submitit.SlurmJob(exp / "submitit" / "pretrain", ids["pretrain"]).result()
+    assert (outcome.status, outcome.step) == ("finished", 8)
+    cfg = load_launch_config(overrides)
+    nodes = {n.name: n for n in build_dag(cfg, "pipeline", Experiment.of(cfg))}
+    for name in ("pretrain", "linprobe"):
+        after = [] if name == "pretrain" else [ids["pretrain"]]
+        submitted = (exp / "submitit" / name / f"{ids[name]}_submission.sh").read_text()
+        assert submitted == batch_script(nodes[name], cfg.cluster, Experiment.of(cfg), after)
+
     # Running the pipeline again on the finished experiment submits nothing.
     again = run_command("pipeline", overrides, console=_console())
     assert again.submitted == {} and {p.action for p in again.planned} == {"done"}
@@ -165,6 +182,7 @@ def test_a_crashed_rank_requeues_the_job_until_the_crash_budget_is_spent(
     crash_after_a_step(1)
     slurm_env.wait_for_state(job, {"PENDING"}, timeout=120)  # requeued by its batch shell: crash 1 of 1
     assert slurm_env.state(int(ids["linprobe"])) == "PENDING"  # its evaluation still waits for it
+    assert not (exp / "submitit" / "pretrain" / f"{job}_0_result.pkl").exists()  # no result says it finished
     slurm_env.release(job)
     crash_after_a_step(2)
     assert slurm_env.wait_until_done(job, timeout=120) == "FAILED"
@@ -198,6 +216,6 @@ def test_cancel_stops_a_job_after_a_checkpoint_and_its_dependents_and_logs_show_
     assert attempt["cause"] == "cancelled" and attempt["signals"][0] == "SIGTERM"  # saved, not requeued
     assert (exp / "pretrain" / "checkpoints" / f"ckpt_{attempt['end_step']:09d}.pt").is_file()
     console = Console(record=True, width=200, file=io.StringIO())
-    assert show_logs(exp, "pretrain", 200, console) == 1
+    assert show_logs(exp, "pretrain", 200, console) == 2  # submitit's log.out (batch shell, rank 0) and log.err
     text = console.export_text()
     assert f"attempt of job {ids['pretrain']} (restart 0) on node" in text and "stopping at the next step" in text
