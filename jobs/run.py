@@ -17,6 +17,7 @@ import argparse
 import logging
 import sys
 
+from jobs.runner import JobSpec
 from jobs.signals import StopFlag
 
 
@@ -36,10 +37,24 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def command_line(spec: JobSpec, python: str = sys.executable) -> list[str]:
+    """The `python -m jobs.run ...` argv that runs `spec` (the inverse of this module's parser)."""
+    cmd = [python, "-u", "-m", "jobs.run", spec.task, spec.config_path, spec.run_dir]
+    if spec.experiment_dir:
+        cmd += ["--experiment-dir", spec.experiment_dir]
+    if spec.job_name:
+        cmd += ["--job-name", spec.job_name]
+    cmd += ["--max-requeues", str(spec.max_requeues), "--max-timeouts", str(spec.max_timeouts)]
+    cmd += ["--max-crashes", str(spec.max_crashes), "--signal-delay-s", str(spec.signal_delay_s)]
+    if spec.step_pause_s:
+        cmd += ["--step-pause-s", str(spec.step_pause_s)]
+    return cmd
+
+
 def main(argv: list[str] | None = None) -> int:
     flag = StopFlag().install()  # first: torch is imported later, a signal during start-up must not be lost
     args = _parse(sys.argv[1:] if argv is None else argv)
-    from jobs.runner import EXIT_CRASHED, JobSpec, configure_logging, run_attempt
+    from jobs.runner import EXIT_CRASHED, configure_logging, run_attempt
 
     configure_logging()
 

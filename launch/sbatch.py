@@ -19,9 +19,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from jobs.run import command_line
 from jobs.slurm_cli import SlurmError, run_tool
 from launch.dag import JobNode
-from launch.experiment import Experiment
+from launch.experiment import Experiment, job_spec
 from launch.schema import ClusterConfig
 from launch.submitit_script import render_batch_script
 
@@ -29,19 +30,6 @@ from launch.submitit_script import render_batch_script
 def python_command(cluster: ClusterConfig) -> str:
     """The interpreter on the nodes, as a shell word."""
     return shlex.quote(cluster.python or sys.executable)
-
-
-def jobs_run_command(node: JobNode, cluster: ClusterConfig, exp: Experiment) -> list[str]:
-    """`python -m jobs.run` with the job's spec (the batch shell's after-step decision uses it)."""
-    python = cluster.python or sys.executable
-    cmd = [python, "-u", "-m", "jobs.run", node.task, str(exp.job_config(node.name)), str(exp.run_dir(node.name))]
-    cmd += ["--experiment-dir", str(exp.dir), "--job-name", node.name]
-    cmd += ["--max-requeues", str(cluster.max_requeues), "--max-timeouts", str(cluster.max_timeouts)]
-    cmd += ["--max-crashes", str(cluster.max_crashes)]
-    cmd += ["--signal-delay-s", str(cluster.signal_delay_s)]
-    if cluster.step_pause_s:
-        cmd += ["--step-pause-s", str(cluster.step_pause_s)]
-    return cmd
 
 
 def _setup(cluster: ClusterConfig) -> list[str]:
@@ -59,12 +47,15 @@ def _setup(cluster: ClusterConfig) -> list[str]:
 
 
 def _teardown(node: JobNode, cluster: ClusterConfig, exp: Experiment) -> list[str]:
+    python = cluster.python or sys.executable
     return [
         "rc=$?",  # srun's exit status: the first line after the command
         'echo "$(date +%FT%T) ranks exited with status $rc"',
         "# A rank that crashed, hung or lost its peer cannot decide; this shell requeues the job or fails it.",
         'if [ "$rc" -ne 0 ]; then',
-        "    " + shlex.join(jobs_run_command(node, cluster, exp)) + ' --after-step-status "$rc"',
+        "    "
+        + shlex.join(command_line(job_spec(exp, node.name, node.task, cluster), python))
+        + ' --after-step-status "$rc"',
         "    rc=$?",
         "fi",
         'exit "$rc"',

@@ -219,7 +219,8 @@ def rank_pid(job_id: int, rank: int, timeout: float = 60) -> int:
             if not proc.name.isdigit():
                 continue
             try:
-                if b"jobs.run" not in (proc / "cmdline").read_bytes():
+                cmdline = (proc / "cmdline").read_bytes()
+                if b"submitit.core._submit" not in cmdline and b"jobs.run" not in cmdline:
                     continue
                 environ = set((proc / "environ").read_bytes().decode(errors="replace").split("\0"))
                 parent = (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]

@@ -77,8 +77,7 @@ def test_dry_run_shows_one_job_per_milestone_and_evaluation(data: Path, tmp_path
     text = console.export_text()
     assert "fastprobe_step4 (fastprobe, 1 node(s), 1440 min)  [afterok: pretrain]" in text
     assert (
-        "#SBATCH --dependency='afterok:<pretrain job id>'" in text
-        and "#SBATCH --job-name=tiny.linprobe_step4" in text
+        "#SBATCH --dependency='afterok:<pretrain job id>'" in text and "#SBATCH --job-name=tiny.linprobe_step4" in text
     )
     assert not (tmp_path / "exps").exists()
 

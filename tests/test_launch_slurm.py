@@ -114,6 +114,10 @@ def test_failed_job_is_not_requeued_and_its_dependents_are_cancelled(slurm_env: 
         assert slurm_env.wait_until_done(int(ids[name]), timeout=60) == "CANCELLED"
     assert slurm_env.restart_count(int(ids["pretrain"])) == 0
     assert len(slurm_env.sacct_rows(int(ids["pretrain"]))) == 1  # one run: not requeued
+    import submitit  # its handle says the job failed, with the job's own exception
+
+    with pytest.raises(submitit.core.utils.FailedJobError, match="train"):
+        submitit.SlurmJob(tmp_path / "exps" / "tiny" / "submitit" / "pretrain", ids["pretrain"]).result()
 
     exp = tmp_path / "exps" / "tiny"
     jobs = Manifest(exp).read()["jobs"]
