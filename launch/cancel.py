@@ -15,6 +15,8 @@ from launch.jobstate import current_views
 def cancel_jobs(experiment_dir: Path, jobs: list[str], console: Console) -> list[str]:
     """scancel the named jobs (all when empty) that are still pending or running; returns their names."""
     manifest = Manifest(experiment_dir)
+    if not manifest.exists():
+        raise FileNotFoundError(f"no experiment at {experiment_dir} (no manifest.json): give an experiment folder")
     entries = manifest.read().get("jobs", {})
     unknown = [j for j in jobs if j not in entries]
     if unknown:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,27 @@ from rich.markup import escape
 
 SUBMIT_COMMANDS = ("pretrain", "linprobe", "fastprobe", "finetune", "pipeline")
 EXIT_USAGE = 2
+PIPE_WIDTH = 250
+
+
+def _folder(text: str) -> Path:
+    """A folder argument, given as `PATH` or as `root=PATH` (the form the Make targets' ARGS use)."""
+    return Path(text.removeprefix("root="))
+
+
+def _console() -> Console:
+    """The terminal's width, or a wide one in a pipe or a file (rich would squeeze tables into 80 columns)."""
+    console = Console()
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
+        console = Console(width=PIPE_WIDTH)
+    return console
+
+
+def _lines(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number of lines")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,16 +62,18 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the composed config of some overrides")
     p.add_argument("overrides", nargs="*")
     p = sub.add_parser("status", help="state, attempts and causes of every job of an experiment (or a root)")
-    p.add_argument("path", nargs="?", default="experiments", help="experiment folder or root (default: experiments)")
+    p.add_argument(
+        "path", nargs="?", type=_folder, default="experiments", help="experiment folder or root, PATH or root=PATH"
+    )
     p = sub.add_parser("results", help="results table of every experiment under a root (Markdown, CSV, rich)")
-    p.add_argument("root", nargs="?", default="experiments")
+    p.add_argument("root", nargs="?", type=_folder, default="experiments", help="the root, PATH or root=PATH")
     p.add_argument("--out", help="where to write results.md and results.csv (default: the root)")
     p = sub.add_parser("logs", help="the output of an experiment's jobs")
-    p.add_argument("experiment")
+    p.add_argument("experiment", type=_folder)
     p.add_argument("job", nargs="?")
-    p.add_argument("-n", "--lines", type=int, default=40)
+    p.add_argument("-n", "--lines", type=_lines, default=40, help="last lines of each log (default: 40)")
     p = sub.add_parser("cancel", help="cancel an experiment's pending or running jobs")
-    p.add_argument("experiment")
+    p.add_argument("experiment", type=_folder)
     p.add_argument("jobs", nargs="*")
     # Listed for --help only: `main` hands everything after "demo" to the demo's own parser.
     sub.add_parser("demo", help="run the demo pipeline on built-in data (python -m launch demo --help)")
@@ -59,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    console = Console()
+    console = _console()
     try:
         if argv[:1] == ["demo"]:  # its options (--out, --seeds, overrides) are the demo's to parse
             from launch import demo
@@ -102,19 +126,21 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     if args.command == "status":
         from launch.status import show_status
 
-        return 0 if show_status(Path(args.path), console) else 1
+        show_status(args.path, console)
+        return 0
     if args.command == "results":
         from launch.results import write_results
 
-        write_results(Path(args.root), Path(args.out or args.root), console)
+        write_results(args.root, Path(args.out) if args.out else args.root, console)
         return 0
     if args.command == "logs":
         from launch.logs import show_logs
 
-        return 0 if show_logs(Path(args.experiment), args.job, args.lines, console) else 1
+        show_logs(args.experiment, args.job, args.lines, console)
+        return 0
     if args.command == "cancel":
         from launch.cancel import cancel_jobs
 
-        cancel_jobs(Path(args.experiment), args.jobs, console)
+        cancel_jobs(args.experiment, args.jobs, console)
         return 0
     raise AssertionError(args.command)

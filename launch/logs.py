@@ -34,6 +34,8 @@ def tail(path: Path, lines: int) -> list[str]:
 
 def show_logs(experiment_dir: Path, job: str | None, lines: int, console: Console) -> int:
     """Print the last `lines` lines of each log of `job` (every job when None); returns how many files."""
+    if not Manifest(experiment_dir).exists():
+        raise FileNotFoundError(f"no experiment at {experiment_dir} (no manifest.json): give an experiment folder")
     entries = Manifest(experiment_dir).read().get("jobs", {})
     if job is not None and job not in entries:
         raise ValueError(f"{experiment_dir} has no job {job!r}; its jobs: {', '.join(entries) or 'none'}")

@@ -199,7 +199,15 @@ def to_rich(rows: list[ResultRow], title: str) -> Table:
 
 
 def write_results(root: Path, out_dir: Path, console: Console) -> list[ResultRow]:
-    """Collate, print, and write results.md + results.csv into `out_dir`."""
+    """Collate, print, and write results.md + results.csv into `out_dir`.
+
+    A root without experiments is an error, so that a mistyped root never replaces a table with an empty one.
+    """
+    if not root.is_dir() or not find_experiments(root):
+        raise FileNotFoundError(
+            f"no experiment (manifest.json) under {root}: give the root that holds the experiment folders "
+            "(nothing was written)"
+        )
     rows = collate(root)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.md").write_text(to_markdown(rows))

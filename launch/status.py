@@ -182,8 +182,9 @@ def show_status(path: Path, console: Console) -> int:
     """Print the status of every experiment at or under `path`; returns the number of jobs shown."""
     experiments = find_experiments(path)
     if not experiments:
-        console.print(f"[red]no experiment (manifest.json) at or under {path}[/]")
-        return 0
+        raise FileNotFoundError(
+            f"no experiment (manifest.json) at or under {path}: give an experiment folder or the root that holds them"
+        )
     all_rows: list[JobStatus] = []
     source = "manifest"
     for exp in experiments:

@@ -121,9 +121,24 @@ def check_checkpoints(nodes: list[JobNode], pretrain_run_dir: Path) -> None:
         check_checkpoint_architecture(ckpt, node.config.model, f"{node.task}.checkpoint")
 
 
+def check_local_device(cfg: LaunchConfig, nodes: list[JobNode]) -> None:
+    """A local job asked to train on CUDA needs CUDA on this machine (a SLURM job's node may have it)."""
+    if cfg.cluster.backend != "local":
+        return
+    import torch
+
+    wanting = [f"{node.task}.run.device=cuda" for node in nodes if node.config.run.device == "cuda"]
+    if wanting and not torch.cuda.is_available():
+        raise ValidationError(
+            f"{', '.join(dict.fromkeys(wanting))}, but this machine has no CUDA device for a local run: "
+            "use run.device=auto (CUDA when present) or cpu, or cluster=slurm"
+        )
+
+
 def validate(cfg: LaunchConfig, nodes: list[JobNode], pretrain_run_dir: Path) -> None:
     """Every pre-queue check that needs no SLURM (SLURM's own check is `launch.sbatch.test_only`)."""
     check_batch_divisible(cfg, nodes)
+    check_local_device(cfg, nodes)
     check_data(nodes)
     check_checkpoints(nodes, pretrain_run_dir)
     if cfg.cluster.backend == "local" and cfg.cluster.executor == "inprocess":

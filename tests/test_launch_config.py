@@ -103,6 +103,11 @@ def test_every_cluster_knob_reaches_the_batch_script(tmp_path: Path) -> None:
         (["pretrain.optim.batch_size=big"], "Value 'big' of type 'str' could not be converted to Integer"),
         (["cluster.nodes=two"], "could not be converted to Integer"),
         (["pretrain.mask.ratio=1.0"], "mask ratio 1.0 must be in [0, 1)"),
+        (["pretrain.optim.base_lr=nan"], "optim.base_lr=nan must be a finite number"),
+        (["linprobe.base_lr=inf"], "base_lr=inf must be a finite number"),
+        (["pretrain.run.threads=-1"], "run.threads=-1 must be > 0"),
+        (["pretrain.run.max_steps=-1"], "run.max_steps=-1 must be > 0"),
+        (["finetune.run.max_steps=0"], "run.max_steps=0 must be > 0"),
         (["pretrain.mask.num_masks=6"], "6"),  # 6 disjoint masks of 12 tokens need 72 > 64 tokens
         (["pretrain.mask.ratio=0.99"], "0.99"),  # keeps 0 of 64 tokens
         (["cluster.backend=pbs"], "cluster.backend='pbs' is not valid"),
@@ -225,3 +230,14 @@ def test_sweep_members_are_experiments_named_after_the_swept_values(
         for ratio in (0.8, 0.9):
             assert f"tiny_num_masks{masks}_ratio{ratio} -> {tmp_path}/tiny_num_masks{masks}_ratio{ratio}" in out
     assert out.count("pretrain (pretrain, 1 node(s)") == 4 and not any(tmp_path.iterdir())
+
+
+def test_a_local_run_on_cuda_without_cuda_is_refused_before_it_starts(data: Path, tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    proc = run_launch(["pretrain", *tiny_overrides(data, tmp_path, "pretrain.run.device=cuda")])
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "pretrain.run.device=cuda, but this machine has no CUDA device for a local run" in " ".join(
+        proc.stdout.split()
+    )
+    assert not (tmp_path / "tiny").exists()

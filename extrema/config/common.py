@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -15,7 +16,10 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
-    """Raise a ValueError unless value > 0 (or >= 0 with allow_zero)."""
+    """Raise a ValueError unless value is finite and > 0 (or >= 0 with allow_zero): nan and inf compare as
+    neither, and would only fail hours later on a node."""
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value} must be a finite number")
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name}={value} must be {'>= 0' if allow_zero else '> 0'}")
 
@@ -111,6 +115,10 @@ class RunConfig:
         if self.keep_every_steps is not None:
             check_positive("run.keep_every_steps", self.keep_every_steps)
         check_positive("run.log_every_steps", self.log_every_steps)
+        if self.max_steps is not None:
+            check_positive("run.max_steps", self.max_steps)  # 0 or fewer would end COMPLETED without a checkpoint
+        if self.threads is not None:
+            check_positive("run.threads", self.threads)
         if self.stall_timeout_s is not None:
             check_positive("run.stall_timeout_s", self.stall_timeout_s)
         check_positive("run.stall_first_step_s", self.stall_first_step_s)
