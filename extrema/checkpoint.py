@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,10 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
 def read_checkpoint(path: str | Path, verify: bool = True) -> dict:
     """Load a project or reference checkpoint on the CPU (weights only); verify its sha256 side file if any."""
     path = Path(path)
+    if path.is_dir():
+        found = CheckpointManager(path).latest_path() or CheckpointManager(path / "checkpoints").latest_path()
+        hint = f", e.g. the newest one there: {found}" if found else ""
+        raise FileNotFoundError(f"{path} is a folder, not a checkpoint file: give a ckpt_*.pt file{hint}")
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     hash_file = path.with_name(path.name + _HASH_SUFFIX)
@@ -68,10 +73,22 @@ def read_checkpoint(path: str | Path, verify: bool = True) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for torn or foreign files
-        raise CheckpointError(f"{path} could not be read ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointError(_unreadable(path, exc)) from exc
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} does not hold a checkpoint dict (got {type(obj).__name__})")
     return obj
+
+
+def _unreadable(path: Path, exc: Exception) -> str:
+    text = str(exc)
+    if "Weights only load failed" in text:  # torch's advice (weights_only=False) would run the file's code
+        return (
+            f"{path} holds Python objects besides tensors and plain containers, and checkpoints are loaded "
+            "without running code from them (weights_only=True): save its tensors (a state_dict) with torch.save"
+        )
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive (its end says where its parts are)
+        return f"{path} is not a file written by torch.save, or it is cut short ({type(exc).__name__}: {text[:200]})"
+    return f"{path} could not be read ({type(exc).__name__}: {text[:500]})"
 
 
 def is_reference_format(ckpt: dict) -> bool:
@@ -156,18 +173,38 @@ class CheckpointManager:
         return path
 
     def load_latest(self) -> tuple[dict, Path] | None:
-        """The newest checkpoint that loads and verifies; damaged newer ones are reported and skipped."""
+        """The newest checkpoint that loads and verifies. A damaged newer one is reported and set aside as
+        `<name>.damaged` (kept for a look, no longer counted by keep_last); temp files of a save that was
+        killed half-way are removed (nothing is writing while a run resumes)."""
+        self._remove_orphaned_temp_files()
         for step in reversed(self.steps()):
             path = self.path_for(step)
             try:
                 return read_checkpoint(path), path
             except CheckpointError as exc:
                 log.error("skipping damaged checkpoint: %s; falling back to the previous one", exc)
+                self._set_aside(path)
+        if self.directory.is_dir() and any(self.directory.glob("*.damaged")):
+            log.warning("no good checkpoint left in %s: starting from step 0", self.directory)
         return None
 
     def latest_path(self) -> Path | None:
         steps = self.steps()
         return self.path_for(steps[-1]) if steps else None
+
+    def _set_aside(self, path: Path) -> None:
+        try:  # every rank resumes at once: another may have moved it already
+            path.rename(path.with_name(path.name + ".damaged"))
+            log.warning("set aside as %s", path.name + ".damaged")
+        except FileNotFoundError:
+            pass
+
+    def _remove_orphaned_temp_files(self) -> None:
+        if not self.directory.is_dir():
+            return
+        for leftover in [*self.directory.glob(".ckpt_*.tmp"), *self.directory.glob("ckpt_*.sha256.tmp")]:
+            log.warning("removing %s, left by a save that was killed half-way", leftover.name)
+            leftover.unlink(missing_ok=True)
 
     def _prune(self) -> None:
         steps = self.steps()

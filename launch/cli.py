@@ -29,6 +29,16 @@ def _folder(text: str) -> Path:
     return Path(text.removeprefix("root="))
 
 
+def _hydra_cfg_alias(argv: list[str], console: Console) -> list[str]:
+    """`COMMAND OVERRIDES --cfg job` (Hydra's way to print the config) is `config OVERRIDES` here."""
+    if argv[:1] and argv[0] in SUBMIT_COMMANDS and "--cfg" in argv:
+        at = argv.index("--cfg")
+        rest = argv[1:at] + argv[at + 2 :]
+        console.print("(--cfg: the composed config, as `python -m launch config OVERRIDES` prints it)", highlight=False)
+        return ["config", *[a for a in rest if a not in ("--dry-run", "-m", "--multirun")]]
+    return argv
+
+
 def _console() -> Console:
     """The terminal's width, or a wide one in a pipe or a file (rich would squeeze tables into 80 columns)."""
     console = Console()
@@ -59,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--dry-run", action="store_true", help="print the DAG and batch scripts, submit nothing")
         p.add_argument("-m", "--multirun", action="store_true", help="sweep over comma-separated override values")
         p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=tiny cluster=slurm")
-    p = sub.add_parser("config", help="print the composed config of some overrides")
+    p = sub.add_parser("config", help="print the composed config of some overrides, or describe its keys")
+    p.add_argument("--describe", metavar="PREFIX", help="each key under PREFIX (e.g. cluster.) with type and meaning")
     p.add_argument("overrides", nargs="*")
     p = sub.add_parser("status", help="state, attempts and causes of every job of an experiment (or a root)")
     p.add_argument(
@@ -89,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             from launch import demo
 
             return int(demo.main(argv[1:]) or 0)
-        return _dispatch(_parser().parse_args(argv), console)
+        return _dispatch(_parser().parse_args(_hydra_cfg_alias(argv, console)), console)
     except Exception as exc:  # every user-facing failure ends here with its message, not a traceback
         if not _is_user_error(exc):
             raise
@@ -121,7 +132,17 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
 
         from launch.compose import load_launch_config
 
-        console.out(OmegaConf.to_yaml(OmegaConf.structured(load_launch_config(args.overrides))), highlight=False)
+        cfg = load_launch_config(args.overrides)
+        if args.describe is None:
+            console.out(OmegaConf.to_yaml(OmegaConf.structured(cfg)), highlight=False)
+            return 0
+        from launch.describe import describe
+
+        rows = describe(cfg, args.describe)
+        if not rows:
+            raise ValueError(f"no config key starts with {args.describe!r}; try pretrain., cluster. or pipeline.")
+        for key, kind, value, meaning in rows:
+            console.out(f"{key} ({kind}) = {value!r}\n    {meaning}", highlight=False)
         return 0
     if args.command == "status":
         from launch.status import show_status

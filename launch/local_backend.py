@@ -13,6 +13,7 @@ import shlex
 import signal
 import sys
 import time
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -102,8 +103,21 @@ def _run_submitit(exp: Experiment, spec: JobSpec, cluster: ClusterConfig, ranks:
         signal.signal(signal.SIGTERM, previous)
     try:
         return job.results()[0]  # rank 0's outcome; every rank returns one
-    except Exception as exc:  # submitit re-raises the job's exception as FailedJobError
-        return JobOutcome("failed", "error", None, detail=str(exc).strip().splitlines()[-1] if str(exc) else repr(exc))
+    except Exception as exc:  # submitit re-raises the job's exception as FailedJobError, with its traceback
+        return JobOutcome("failed", "error", None, detail=failure_summary(str(exc), job.paths.stderr))
+
+
+def failure_summary(report: str, log: Path) -> str:
+    """The job's own error for the terminal: its exception line, the frame that raised it, and the log path.
+
+    `report` is submitit's text of a failed job (the job's traceback between two rules of dashes).
+    """
+    lines = [line for line in report.splitlines() if line.strip() and not set(line.strip()) <= {"-", "^", "~"}]
+    frames = [line.strip() for line in lines if line.lstrip().startswith('File "')]
+    trace_end = next((i for i, line in enumerate(lines) if line.startswith("You can check full logs")), len(lines))
+    error = next((line for line in reversed(lines[:trace_end]) if not line.startswith(" ")), report.strip()[:500])
+    where = f"\n  raised at {frames[-1]}" if frames else ""
+    return f"{error}{where}\n  log: {log}"
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

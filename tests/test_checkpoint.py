@@ -63,8 +63,40 @@ def test_loading_never_runs_code(tmp_path: Path) -> None:
 
     path = tmp_path / "evil.pt"
     torch.save({"x": Evil()}, path)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="loaded without running code") as err:
         read_checkpoint(path)
+    assert "weights_only=False" not in str(err.value)  # torch's advice would run the file's code
+
+
+def test_a_damaged_checkpoint_is_set_aside_and_no_longer_counts_toward_keep_last(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    manager.save(state(1), 1)
+    newest = manager.save(state(2), 2)
+    newest.write_bytes(newest.read_bytes()[:100])
+    loaded, _ = manager.load_latest()
+    assert loaded["step"] == 1 and (tmp_path / "ckpt_000000002.pt.damaged").is_file()
+    manager.save(state(3), 3)
+    assert manager.steps() == [1, 3]  # the good step-1 file is kept: the damaged one is not one of the last 2
+
+
+def test_temp_files_of_a_save_killed_half_way_are_removed_on_resume(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    manager.save(state(1), 1)
+    (tmp_path / ".ckpt_000000002.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / "ckpt_000000002.pt.sha256.tmp").write_text("deadbeef")
+    assert manager.load_latest()[0]["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_000000001.pt", "ckpt_000000001.pt.sha256"]
+
+
+def test_a_folder_or_a_foreign_file_given_as_a_checkpoint_is_named_as_such(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path / "run" / "checkpoints")
+    manager.save(state(4), 4)
+    with pytest.raises(FileNotFoundError, match=r"is a folder, not a checkpoint file: .*ckpt_000000004.pt"):
+        read_checkpoint(tmp_path / "run")
+    text = tmp_path / "notes.pt"
+    text.write_text("epoch 3: loss went down\n")
+    with pytest.raises(CheckpointError, match="is not a file written by torch.save"):
+        read_checkpoint(text)
 
 
 def test_milestones_survive_pruning(tmp_path: Path) -> None:
