@@ -76,5 +76,5 @@ def test_missing_key_is_named(project_ckpt, tmp_path: Path) -> None:
 def test_not_a_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "notes.pt"
     bad.write_text("not a checkpoint")
-    with pytest.raises(CheckpointError, match="could not be read"):
+    with pytest.raises(CheckpointError, match="is not a file written by torch.save"):
         extrema.load_model(bad)

@@ -143,10 +143,18 @@ def _walk_images(root: Path, rel_dir: str, extensions: tuple[str, ...], dir_mtim
     # Iterative walk of one class folder; records each directory's mtime for the cache check.
     found = []
     pending = [rel_dir]
+    visited: dict[tuple[int, int], str] = {}
     while pending:
         rel = pending.pop()
         full = root / rel
-        dir_mtimes[rel] = full.stat().st_mtime_ns
+        stat = full.stat()
+        seen_as = visited.setdefault((stat.st_dev, stat.st_ino), rel)
+        if seen_as != rel:  # a symlink back to a folder already listed would be walked forever
+            raise ValueError(
+                f"{root / rel} is the folder {root / seen_as} again (a symlink loop): remove the link or point it "
+                "at a folder outside the dataset"
+            )
+        dir_mtimes[rel] = stat.st_mtime_ns
         with os.scandir(full) as entries:
             for entry in entries:
                 if entry.name.startswith("."):
