@@ -81,13 +81,13 @@ def read_checkpoint(path: str | Path, verify: bool = True) -> dict:
 
 def _unreadable(path: Path, exc: Exception) -> str:
     text = str(exc)
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive (its end says where its parts are)
+        return f"{path} is not a file written by torch.save, or it is cut short ({type(exc).__name__}: {text[:200]})"
     if "Weights only load failed" in text:  # torch's advice (weights_only=False) would run the file's code
         return (
             f"{path} holds Python objects besides tensors and plain containers, and checkpoints are loaded "
             "without running code from them (weights_only=True): save its tensors (a state_dict) with torch.save"
         )
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive (its end says where its parts are)
-        return f"{path} is not a file written by torch.save, or it is cut short ({type(exc).__name__}: {text[:200]})"
     return f"{path} could not be read ({type(exc).__name__}: {text[:500]})"
 
 
