@@ -75,7 +75,10 @@ def _explain(exc: Exception, overrides: list[str]) -> str:
         return f"{_first_line(exc)}\nknown cluster configs: {', '.join(known)}"
     if "Could not override" in text or "not in '" in text:
         text = text.replace("\nTo append to your config use", " (appending with")
-        return f"{text}\na mistyped key? `python -m launch config [overrides]` prints every key with its value"
+        return (
+            f"{text}\na mistyped key? `python -m launch config [overrides]` prints every key with its value, "
+            "`python -m launch config --describe PREFIX` what each key under PREFIX means"
+        )
     return text
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from jobs.manifest import Manifest
@@ -194,7 +195,7 @@ def to_rich(rows: list[ResultRow], title: str) -> Table:
     for column in COLUMNS:
         table.add_column(column, justify="right" if column in ("linear", "finetune", "kNN", "fast-probe") else "left")
     for r in rows:
-        table.add_row(*r.cells())
+        table.add_row(*map(escape, r.cells()))  # names and paths are the user's text, never markup
     return table
 
 
@@ -212,6 +213,6 @@ def write_results(root: Path, out_dir: Path, console: Console) -> list[ResultRow
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.md").write_text(to_markdown(rows))
     (out_dir / "results.csv").write_text(to_csv(rows))
-    console.print(to_rich(rows, f"results under {root}"))
-    console.print(f"written: {out_dir / 'results.md'}, {out_dir / 'results.csv'}")
+    console.print(to_rich(rows, escape(f"results under {root}")))
+    console.print(escape(f"written: {out_dir / 'results.md'}, {out_dir / 'results.csv'}"))
     return rows

@@ -115,14 +115,14 @@ def status_table(rows: list[JobStatus], title: str) -> Table:
         p = r.progress
         step = "-" if p.step is None else (f"{p.step}/{p.total_steps}" if p.total_steps else str(p.step))
         table.add_row(
-            r.experiment,
-            r.name,
+            escape(r.experiment),
+            escape(r.name),
             r.job_id,
             f"[{colour}]{r.view.state}[/]",
             str(len(r.attempts)),
             f"{r.requeues} ({', '.join(causes)})" if causes else "0",
             format_duration(r.elapsed_s),
-            r.nodes or "-",
+            escape(r.nodes or "-"),
             step,
             "-" if p.epoch is None else f"{p.epoch:.2f}",
             "-" if p.loss is None else f"{p.loss:.4f}",
@@ -143,7 +143,7 @@ def attempts_table(rows: list[JobStatus]) -> Table:
             steps = f"{a.get('resumed_step', '?')} -> {a.get('end_step', a.get('reached_step', '?'))}"
             startup = a.get("startup_s")
             table.add_row(
-                r.name,
+                escape(r.name),
                 str(a.get("n")),
                 str(a.get("job_id", "")),
                 _clock(a.get("start")),
@@ -190,9 +190,9 @@ def show_status(path: Path, console: Console) -> int:
     for exp in experiments:
         rows, source = collect(exp)
         all_rows += rows
-    console.print(status_table(all_rows, f"status of {path} (states from {source})"))
+    console.print(status_table(all_rows, escape(f"status of {path} (states from {source})")))
     console.print(attempts_table(all_rows))
     for exp in experiments:  # settings changed under pipeline.amend, so that nobody mistakes the run's history
         for amendment in Manifest(exp).read().get("amendments", []):
-            console.print(f"{exp.name}: amended at {amendment['time']}: {'; '.join(amendment['changes'])}")
+            console.print(escape(f"{exp.name}: amended at {amendment['time']}: {'; '.join(amendment['changes'])}"))
     return len(all_rows)

@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from launch.compose import load_launch_config
@@ -85,7 +86,7 @@ def run_with_config(command: str, cfg: LaunchConfig, dry_run: bool, console: Con
         show_dry_run(console, exp, cfg, planned)
         return CommandResult(exp, planned, {})
     if not any(p.action == SUBMIT for p in planned):
-        console.print(f"[green]nothing to submit[/]: every job of {exp.dir} is done or already queued")
+        console.print(f"[green]nothing to submit[/]: every job of {escape(str(exp.dir))} is done or already queued")
         return CommandResult(exp, planned, {})
     if cfg.cluster.backend == "slurm":
         from launch.slurm_backend import check_with_sbatch, submit_planned
@@ -95,7 +96,7 @@ def run_with_config(command: str, cfg: LaunchConfig, dry_run: bool, console: Con
         submitted = submit_planned(exp, cfg, planned, views)
         for name, job_id in submitted.items():
             console.print(f"submitted [bold]{name}[/] as SLURM job {job_id}")
-        console.print(f"follow it with: python -m launch status {exp.dir}")
+        console.print(escape(f"follow it with: python -m launch status {exp.dir}"))
         return CommandResult(exp, planned, submitted)
     from launch.local_backend import run_planned
 
@@ -111,7 +112,8 @@ def show_plan(console: Console, exp: Experiment, cfg: LaunchConfig, planned: lis
         table.add_column(column)
     for p in planned:
         colour = {"submit": "yellow", "keep": "cyan", "done": "green"}[p.action]
-        table.add_row(p.node.name, p.node.task, ",".join(p.node.depends_on), f"[{colour}]{p.action}[/]", p.why)
+        cells = (p.node.name, p.node.task, ",".join(p.node.depends_on))
+        table.add_row(*map(escape, cells), f"[{colour}]{p.action}[/]", escape(p.why))
     console.print(table)
 
 

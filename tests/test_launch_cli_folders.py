@@ -69,3 +69,12 @@ def test_logs_and_cancel_of_a_missing_experiment_and_a_negative_line_count_are_r
         assert proc.returncode == 2 and "no experiment at" in proc.stdout, (command, proc.stdout, proc.stderr)
     proc = run_launch(["logs", str(root / "crashy"), "-n", "-5"])
     assert proc.returncode == 2 and "-5 is not a positive number of lines" in proc.stderr, proc.stderr
+
+
+def test_brackets_in_a_users_value_reach_the_message_as_typed(tmp_path: Path, capsys) -> None:
+    from launch.cli import main
+
+    for folder in (tmp_path / "set[old]" / "v2", tmp_path / "[red]x"):
+        assert main(["pretrain", "experiment=tiny", f"dataset.root='{folder}'", f"root={tmp_path / 'exps'}"]) == 2
+        out = " ".join(capsys.readouterr().out.split())
+        assert f"data folder {folder} does not exist" in out, out
