@@ -63,6 +63,14 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (identity in one process)."""
+    if is_distributed():
+        value = value.clone()
+        dist.all_reduce(value)
+    return value
+
+
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """Mean over ranks (identity in one process)."""
     if is_distributed():

@@ -134,6 +134,13 @@ def job_view(entry: dict, slurm: dict[str, JobView]) -> JobView:
     return JobView(entry.get("state", "UNKNOWN"), "manifest", entry.get("reason") or "")
 
 
+def _earlier_ids(entry: dict) -> list[str]:
+    current = entry.get("job_id")
+    return list(
+        dict.fromkeys(s["job_id"] for s in entry.get("submissions", []) if s.get("job_id") not in (None, current))
+    )
+
+
 def current_views(entries: dict[str, dict]) -> tuple[dict[str, JobView], str]:
     """{job name: JobView} for the manifest's jobs, and where SLURM's answer came from.
 
@@ -141,11 +148,14 @@ def current_views(entries: dict[str, dict]) -> tuple[dict[str, JobView], str]:
     ended (a launcher that was stopped leaves RUNNING behind), so that running the command again resumes it.
     """
     slurm_ids = [e["job_id"] for e in entries.values() if e.get("backend") == "slurm" and e.get("job_id")]
-    slurm, source = slurm_views(slurm_ids)
+    # A job submitted again (after a failure) ran under several ids: its run time is theirs together.
+    earlier = {name: _earlier_ids(e) for name, e in entries.items() if e.get("backend") == "slurm"}
+    slurm, source = slurm_views(slurm_ids + [i for ids in earlier.values() for i in ids])
     views: dict[str, JobView] = {}
     for name, entry in entries.items():
         if entry.get("backend") == "slurm":
             views[name] = job_view(entry, slurm)
+            views[name].elapsed_s += sum(slurm[i].elapsed_s for i in earlier[name] if i in slurm)
             if views[name].source == "manifest" and views[name].state in ALIVE:
                 # Neither accounting nor the controller knows it: it cannot be pending or running.
                 views[name].state = "UNKNOWN"

@@ -19,6 +19,8 @@ class Progress:
     epoch: float | None = None
     loss: float | None = None
     seconds_per_step: float | None = None
+    bad_images: int | None = None
+    """Unreadable files met, each once: all ranks' from metrics.json once finished, else rank 0's so far."""
 
     @property
     def eta_s(self) -> float | None:
@@ -57,6 +59,7 @@ def read_progress(run_dir: Path) -> Progress:
         out.step = max(out.step or 0, int(last["step"]))
         out.epoch = last.get("epoch")
         out.loss = last.get("loss")
+        out.bad_images = last.get("bad_images")
         # Rate over the last records of the current attempt (a gap of minutes means a requeue).
         recent = [r for r in records[-20:] if "time" in r]
         steps = zip(recent, recent[1:], strict=False)
@@ -64,6 +67,9 @@ def read_progress(run_dir: Path) -> Progress:
         pairs = [p for p in pairs if 0 < p < 600]
         if pairs:
             out.seconds_per_step = sorted(pairs)[len(pairs) // 2]
+    final = read_final_metrics(run_dir)
+    if final and "bad_images" in final:
+        out.bad_images = int(final["bad_images"])
     return out
 
 

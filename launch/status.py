@@ -107,7 +107,7 @@ def status_table(rows: list[JobStatus], title: str) -> Table:
     """The main table: one row per job."""
     table = Table(title=title, title_justify="left")
     columns = ("experiment", "job", "id", "state", "attempts", "requeues (causes)", "elapsed", "nodes")
-    for column in (*columns, "step", "epoch", "loss", "ETA", "reason"):
+    for column in (*columns, "step", "epoch", "loss", "bad images", "ETA", "reason"):
         table.add_column(column, overflow="fold")
     for r in rows:
         colour = STATE_COLOURS.get(r.view.state, "white")
@@ -126,6 +126,7 @@ def status_table(rows: list[JobStatus], title: str) -> Table:
             step,
             "-" if p.epoch is None else f"{p.epoch:.2f}",
             "-" if p.loss is None else f"{p.loss:.4f}",
+            "-" if p.bad_images is None else str(p.bad_images),
             format_duration(p.eta_s) if r.view.alive else "-",
             escape(r.view.reason) if r.view.reason not in (None, "None") else "",
         )

@@ -121,7 +121,11 @@ def test_unreadable_files_are_skipped_and_counted_across_workers(folder):
         assert [len(b["label"]) for b in batches] == [5, 5, 5, 5]  # batch size kept
         skipped = {int(i) for b in batches for i, s in zip(b["index"], b["skipped"], strict=True) if s}
         assert skipped == bad
-    assert loader.skipped_total == 4 and loader.state_dict()["skipped_total"] == 4
+    # Two epochs met the same 2 files: counted once each, and the count survives a resume.
+    assert loader.bad_files == bad and loader.state_dict()["bad_files"] == sorted(bad)
+    again = build_loader(dataset, 5, ResumableDistributedSampler(len(dataset), seed=1, drop_last=False), 0, seed=1)
+    again.load_state_dict(loader.state_dict())
+    assert again.bad_files == bad
 
 
 def test_a_short_last_batch_ends_the_epoch(folder):

@@ -190,3 +190,22 @@ def test_a_local_job_that_fails_shows_its_own_error_on_the_terminal(tmp_path: Pa
     assert re.search(r"pretrain failed: (\S+\.)?TrainingDiverged: the loss stopped being finite", out), out
     assert re.search(r'raised at File ".*extrema/engine/divergence.py", line \d+, in ', out), out
     assert re.search(r"log: .*/tiny/logs/submitit/\d+_0_log.err", out), out
+
+
+def test_unreadable_images_are_counted_once_each_in_metrics_and_status(tmp_path: Path) -> None:
+    from tests.image_data import write_image_folder
+
+    data = make_dataset(tmp_path / "data")
+    write_image_folder(data / "train", 1, 0, corrupt=2, seed=5)  # two broken files, met once per epoch each
+    overrides = ["cluster.executor=inprocess", "pretrain.run.max_steps=null", "pretrain.optim.epochs=6"]
+    assert (
+        run_command(
+            "pretrain", tiny_overrides(data, tmp_path / "exps", *overrides), console=Console(quiet=True)
+        ).exit_code
+        == 0
+    )
+    exp = tmp_path / "exps" / "tiny"
+    assert read_final_metrics(exp / "pretrain")["bad_images"] == 2  # not 2 per epoch
+    console = Console(record=True, width=300, file=io.StringIO())
+    show_status(exp, console)
+    assert re.search(r"│ pretrain\s+│.*│ 24/24\s+│.*│ 2\s+│", console.export_text()), console.export_text()

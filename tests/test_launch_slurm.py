@@ -132,6 +132,15 @@ def test_failed_job_is_not_requeued_and_its_dependents_are_cancelled(slurm_env: 
     plan = run_command("pipeline", overrides, dry_run=True, console=_console()).planned
     assert [(p.node.name, p.action) for p in plan] == [(n, "submit") for n in ("pretrain", *EVALUATIONS)]
     assert "ended FAILED" in plan[0].why
+    again = run_command("pipeline", [*overrides, "pipeline.evaluations=[linprobe]"], console=_console()).submitted
+    assert slurm_env.wait_until_done(int(again["pretrain"]), timeout=180) == "COMPLETED"
+    # The results count the run time of both submissions of the pretraining, not only the newest one.
+    elapsed = [
+        slurm_env.sacct_rows(int(i), ("JobID", "Elapsed"))[0]["Elapsed"] for i in (ids["pretrain"], again["pretrain"])
+    ]
+    seconds = [sum(int(x) * 60**k for k, x in enumerate(reversed(e.split(":")))) for e in elapsed]
+    (row,) = collate(tmp_path / "exps")
+    assert row.wall_time_s == sum(seconds) and seconds[0] > 0, (row.wall_time_s, elapsed)
 
 
 def test_partition_rejected_by_sbatch_is_reported_before_anything_is_queued(slurm_env, data: Path, tmp_path: Path):

@@ -93,8 +93,9 @@ class ResumableLoader:
 
     def __init__(self, loader: DataLoader, sampler: ResumableDistributedSampler, batch_size: int) -> None:
         self.loader, self.sampler, self.batch_size = loader, sampler, batch_size
-        self.skipped_total = 0
-        """Unreadable files met in the batches handed out so far (kept across resumes via state_dict)."""
+        self.bad_files: set[int] = set()
+        """Dataset indices of the unreadable files met so far, each once however many epochs meet it (kept across
+        resumes via state_dict)."""
         self._pass_epoch: int | None = None
         self._pass_start = 0
         self._consumed = 0
@@ -133,20 +134,21 @@ class ResumableLoader:
         self._pass_finished = False
         for batch in iterate_workers(self.loader):
             self._consumed += 1
-            self.skipped_total += int(batch["skipped"].sum())
+            if batch["skipped"].any():
+                self.bad_files.update(batch["index"][batch["skipped"].bool()].tolist())
             yield batch
         self._pass_finished = True
 
     def state_dict(self) -> dict:
-        """Sampler state with the consumed position, plus the running count of unreadable files."""
+        """Sampler state with the consumed position, plus the unreadable files met so far."""
         state = self.sampler.state_dict(position=self.position)
-        state["skipped_total"] = self.skipped_total
+        state["bad_files"] = sorted(self.bad_files)
         return state
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where `state` was taken; the next iteration starts at its position."""
         self.sampler.load_state_dict(state)
-        self.skipped_total = int(state.get("skipped_total", 0))
+        self.bad_files = set(state.get("bad_files", []))  # checkpoints before this key counted visits, not files
         self._pass_epoch, self._pass_finished = None, False
 
 

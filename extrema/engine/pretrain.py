@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from extrema.checkpoint import FORMAT, CheckpointError, export_backbone, read_checkpoint
 from extrema.checkpoint import model_state as checkpoint_model_state
 from extrema.config import PretrainConfig
-from extrema.distributed import dist_info, is_distributed, resolve_device
+from extrema.distributed import all_reduce_sum, dist_info, is_distributed, resolve_device
 from extrema.engine.base import FINAL_METRICS, FitResult, StopRequested, run_length
 from extrema.engine.checkpointed import CheckpointedRun, run_checkpoints
 from extrema.engine.divergence import DivergenceGuard
@@ -210,6 +210,8 @@ class PretrainTrainer(CheckpointedRun):
             "wall_time_s": self.wall_time,
             "world_size": self.dist.world_size,
             "device": self.device.type,
+            # Unreadable files met (each once), over all ranks: a collective, so before the main-rank-only part.
+            "bad_images": int(all_reduce_sum(torch.tensor([self.data.bad_images()], device=self.device)).item()),
         }
         if self.dist.is_main:
             final = self.ckpts.latest_path()

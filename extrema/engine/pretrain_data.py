@@ -53,8 +53,8 @@ class PretrainData:
             yield to_views(batch["image"], self.device)
 
     def bad_images(self) -> int:
-        """Unreadable files this rank met so far (each replaced by the next readable one)."""
-        return self.loader.skipped_total
+        """Unreadable files this rank met so far, each counted once (each replaced by the next readable one)."""
+        return len(self.loader.bad_files)
 
     def state_dict(self) -> dict:
         """Epoch and position of this rank's sampler (per rank, like the RNG states)."""
