@@ -155,6 +155,8 @@ class CheckpointManager:
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.keep_every_steps = keep_every_steps  # milestones that pruning spares (e.g. for evaluations)
+        self.set_aside: list[str] = []
+        """Names of the damaged checkpoints `load_latest` set aside (to report them)."""
 
     def path_for(self, step: int) -> Path:
         return self.directory / f"ckpt_{step:09d}.pt"
@@ -196,6 +198,7 @@ class CheckpointManager:
         try:  # every rank resumes at once: another may have moved it already
             path.rename(path.with_name(path.name + ".damaged"))
             log.warning("set aside as %s", path.name + ".damaged")
+            self.set_aside.append(path.name)
         except FileNotFoundError:
             pass
 

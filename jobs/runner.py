@@ -353,7 +353,10 @@ class _Attempt:
         trainer.resume()
         resumed_step = getattr(trainer, "step", None)
         if self.manifest is not None and self.number is not None:
-            self.manifest.update_attempt(self.spec.name, self.number, resumed_step=resumed_step)
+            # A damaged newest checkpoint is on record with the attempt that fell back past it.
+            damaged = list(getattr(getattr(trainer, "ckpts", None), "set_aside", []))
+            fields = {"damaged_checkpoints": damaged} if damaged else {}
+            self.manifest.update_attempt(self.spec.name, self.number, resumed_step=resumed_step, **fields)
         watchdog = self._watchdog(cfg.run)
         watch = _StepWatch(flag, trainer, self.progress_path, self.spec.step_pause_s, watchdog)
         try:

@@ -143,6 +143,9 @@ def attempts_table(rows: list[JobStatus]) -> Table:
         for a, following in zip(r.attempts, [*r.attempts[1:], None], strict=True):
             steps = f"{a.get('resumed_step', '?')} -> {a.get('end_step', a.get('reached_step', '?'))}"
             startup = a.get("startup_s")
+            detail = a.get("detail") or ""
+            if a.get("damaged_checkpoints"):
+                detail += f" (resumed past damaged {', '.join(a['damaged_checkpoints'])})"
             table.add_row(
                 escape(r.name),
                 str(a.get("n")),
@@ -150,7 +153,7 @@ def attempts_table(rows: list[JobStatus]) -> Table:
                 _clock(a.get("start")),
                 _clock(a.get("end")),
                 a.get("cause") or "-",
-                escape(a.get("detail") or ""),
+                escape(detail.strip()),
                 steps,
                 _lost(a, following),
                 "-" if startup is None else f"{startup:.1f}s",

@@ -214,6 +214,10 @@ def test_eight_interruptions_with_workers_on_two_nodes_leave_the_run_bit_identic
     accounted = ["NODE_FAIL" if c == "node_fail" else "REQUEUED" for c in expected]
     assert [r["State"] for r in runs] == [*accounted, "COMPLETED"], runs
 
+    # The attempt after the truncation fell back past the damaged file, and says so.
+    (fell_back,) = [a for a in attempts if a.get("damaged_checkpoints")]
+    assert fell_back["damaged_checkpoints"] == truncated and expected[fell_back["n"] - 2] == "requeued"
+
     # Work lost: none for a signal, at most the save period otherwise (the damaged checkpoint's included).
     lost = [steps_lost(a, b) for a, b in zip(attempts, attempts[1:], strict=False)]
     for cause, steps in zip(expected, lost, strict=True):
@@ -242,6 +246,7 @@ def test_eight_interruptions_with_workers_on_two_nodes_leave_the_run_bit_identic
     console = Console(record=True, width=300, file=open(os.devnull, "w"))  # noqa: SIM115
     show_status(exp, console)
     text = console.export_text()
+    assert f"(resumed past damaged {truncated[0]})" in text
     for n, (cause, steps) in enumerate(zip(causes, [*lost, None], strict=True), start=1):
         shown = "-" if steps is None else str(steps)
         row = rf"│ pretrain\s+│ {n}\s+│ {job}\s+│.*│ {cause}\s+│.*│ {shown}\s+│"
