@@ -27,7 +27,8 @@ def root(tmp_path: Path) -> Path:
             {"n": 1, "job_id": "7", "start": "2026-12-01T10:00:00+00:00", "end": "2026-12-01T10:05:00+00:00",
              "cause": "crashed", "detail": GLOO_DETAIL, "resumed_step": 0, "reached_step": 58},
             {"n": 2, "job_id": "7", "start": "2026-12-01T10:06:00+00:00", "end": "2026-12-01T10:09:00+00:00",
-             "cause": "finished", "detail": "schedule done", "resumed_step": 54, "end_step": 96, "reached_step": 96},
+             "cause": "finished", "detail": "schedule done", "resumed_step": 54, "end_step": 96, "reached_step": 96,
+             "damaged_checkpoints": ["ckpt_000000058.pt"]},
         ]  # fmt: skip
         data["jobs"] = {
             "pretrain": {"task": "pretrain", "backend": "local", "state": "COMPLETED", "attempts": attempts}
@@ -44,6 +45,7 @@ def test_status_takes_root_equals_path_and_prints_whole_rows_in_a_pipe(root: Pat
         (crashed,) = [line for line in lines if "│ crashed" in line]
         assert "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561]" in proc.stdout
         assert "[/red]" in proc.stdout and "│ 4 " in crashed  # 58 reached, the next resumed at 54: 4 steps lost
+        assert "schedule done (resumed past damaged ckpt_000000058.pt)" in proc.stdout
 
 
 def test_results_take_root_equals_path_and_write_there(root: Path, tmp_path: Path) -> None:
