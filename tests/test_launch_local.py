@@ -209,3 +209,16 @@ def test_unreadable_images_are_counted_once_each_in_metrics_and_status(tmp_path:
     console = Console(record=True, width=300, file=io.StringIO())
     show_status(exp, console)
     assert re.search(r"│ pretrain\s+│.*│ 24/24\s+│.*│ 2\s+│", console.export_text()), console.export_text()
+
+
+def test_an_evaluation_counts_its_unreadable_training_images_once_each(tmp_path: Path) -> None:
+    from tests.image_data import write_image_folder
+
+    data = make_dataset(tmp_path / "data")
+    write_image_folder(data / "train", 1, 0, corrupt=2, seed=5)
+    overrides = tiny_overrides(data, tmp_path / "exps", "cluster.executor=inprocess", "linprobe.epochs=4")
+    assert (
+        run_command("pipeline", [*overrides, "pipeline.evaluations=[linprobe]"], console=Console(quiet=True)).exit_code
+        == 0
+    )
+    assert read_final_metrics(tmp_path / "exps" / "tiny" / "linprobe")["bad_images"] == 2

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from extrema.checkpoint import CheckpointManager
 from extrema.config import RunConfig
-from extrema.distributed import DistInfo, any_rank, is_distributed
+from extrema.distributed import DistInfo, all_reduce_sum, any_rank, is_distributed
 from extrema.engine.base import CHECKPOINT_DIR, FINAL_METRICS, StopRequested
 from extrema.engine.divergence import DivergenceGuard
 from extrema.engine.metrics_record import dataset_info, write_eval_metrics
@@ -135,6 +135,10 @@ class EvaluationRun(CheckpointedRun):
 
     def _write_metrics(self, derived: dict, results: dict) -> dict:
         """Write metrics.json (main rank) and return its record; the other ranks return the results only."""
+        loader = getattr(self, "loader", None)  # the training images' loader (the fast probe reads a feature cache)
+        bad = None
+        if loader is not None and hasattr(loader, "bad_files"):  # a collective: every rank gets here
+            bad = int(all_reduce_sum(torch.tensor([len(loader.bad_files)], device=self.device)).item())
         if not self.dist.is_main:
             return {"results": results}
         data, splits = self.cfg.data, self.splits
@@ -149,4 +153,5 @@ class EvaluationRun(CheckpointedRun):
             wall_time_s=self.wall_time,
             device=self.device,
             world_size=self.dist.world_size,
+            bad_images=bad,
         )

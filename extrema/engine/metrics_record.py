@@ -77,6 +77,7 @@ def write_eval_metrics(
     wall_time_s: float,
     device: torch.device,
     world_size: int,
+    bad_images: int | None = None,
 ) -> dict:
     """Write run_dir/metrics.json atomically and return the record.
 
@@ -94,5 +95,7 @@ def write_eval_metrics(
         "device": device_info(device, world_size),
         "packages": package_versions(),
     }
+    if bad_images is not None:
+        record["bad_images"] = bad_images  # unreadable training files met, each once, over all ranks
     write_json(Path(run_dir) / FINAL_METRICS, record)
     return record
