@@ -80,3 +80,25 @@ def test_brackets_in_a_users_value_reach_the_message_as_typed(tmp_path: Path, ca
         assert main(["pretrain", "experiment=tiny", f"dataset.root='{folder}'", f"root={tmp_path / 'exps'}"]) == 2
         out = " ".join(capsys.readouterr().out.split())
         assert f"data folder {folder} does not exist" in out, out
+
+
+def test_the_readme_slurm_commands_run_as_written(root: Path, tmp_path: Path) -> None:
+    """Each `make TARGET ARGS="..."` line of the README's SLURM section, with its paths pointed here (the
+    pipeline as a dry run: nothing may be queued from a test)."""
+    import re
+    import shlex
+
+    from tests.launch_fixtures import REPO, make_dataset
+
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## On a SLURM cluster", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    lines = re.sub(r"\\\n\s*", " ", section).splitlines()
+    commands = [re.match(r'make (\w+)\s+ARGS="([^"]*)"', line.strip()) for line in lines if line.startswith("make ")]
+    assert [c.group(1) for c in commands] == ["pipeline", "status", "results"], lines
+    data = make_dataset(tmp_path / "imagenet")
+    for command in commands:
+        args = command.group(2).replace("/scratch/$USER/extrema", str(root)).replace("/datasets/imagenet", str(data))
+        argv = [command.group(1), *shlex.split(args), *(["--dry-run"] if command.group(1) == "pipeline" else [])]
+        proc = run_launch(argv, timeout=180)
+        assert proc.returncode == 0, (argv, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert "crashy" in (root / "results.md").read_text()
