@@ -103,7 +103,7 @@ def test_real_error_fails_the_job_and_cancels_its_dependents(data: Path, tmp_pat
             "finetune": {"task": "finetune", "backend": "local", "depends_on": ["pretrain"], "state": "PENDING"},
         }
     spec = JobSpec("pretrain", str(config), str(tmp_path / "run"), experiment_dir=str(exp.experiment_dir))
-    with pytest.raises(Exception, match="could not be read"):
+    with pytest.raises(Exception, match="is not a file written by torch.save"):
         run_attempt(spec)
     jobs = exp.read()["jobs"]
     assert jobs["pretrain"]["state"] == "FAILED" and "CheckpointError" in jobs["pretrain"]["reason"]
