@@ -156,7 +156,7 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.keep_every_steps = keep_every_steps  # milestones that pruning spares (e.g. for evaluations)
         self.set_aside: list[str] = []
-        """Names of the damaged checkpoints `load_latest` set aside (to report them)."""
+        """Names of the damaged checkpoints `load_latest` passed over (to report them)."""
 
     def path_for(self, step: int) -> Path:
         return self.directory / f"ckpt_{step:09d}.pt"
@@ -174,18 +174,26 @@ class CheckpointManager:
         self._prune()
         return path
 
-    def load_latest(self) -> tuple[dict, Path] | None:
-        """The newest checkpoint that loads and verifies. A damaged newer one is reported and set aside as
-        `<name>.damaged` (kept for a look, no longer counted by keep_last); temp files of a save that was
-        killed half-way are removed (nothing is writing while a run resumes)."""
-        self._remove_orphaned_temp_files()
+    def load_latest(self, tidy: bool = True) -> tuple[dict, Path] | None:
+        """The newest checkpoint that loads and verifies; damaged newer ones are reported (`set_aside`).
+
+        With `tidy` (one process of a run: the main rank), a damaged one is renamed `<name>.damaged` (kept for
+        a look, no longer counted by keep_last) and temp files of a save killed half-way are removed (nothing
+        is writing while a run resumes). A file another process moved meanwhile is passed over.
+        """
+        if tidy:
+            self._remove_orphaned_temp_files()
         for step in reversed(self.steps()):
             path = self.path_for(step)
             try:
                 return read_checkpoint(path), path
+            except FileNotFoundError:
+                continue  # set aside by the main rank while this one was looking
             except CheckpointError as exc:
                 log.error("skipping damaged checkpoint: %s; falling back to the previous one", exc)
-                self._set_aside(path)
+                self.set_aside.append(path.name)
+                if tidy:
+                    self._set_aside(path)
         if self.directory.is_dir() and any(self.directory.glob("*.damaged")):
             log.warning("no good checkpoint left in %s: starting from step 0", self.directory)
         return None
@@ -195,10 +203,9 @@ class CheckpointManager:
         return self.path_for(steps[-1]) if steps else None
 
     def _set_aside(self, path: Path) -> None:
-        try:  # every rank resumes at once: another may have moved it already
+        try:
             path.rename(path.with_name(path.name + ".damaged"))
             log.warning("set aside as %s", path.name + ".damaged")
-            self.set_aside.append(path.name)
         except FileNotFoundError:
             pass
 

@@ -70,7 +70,7 @@ class CheckpointedRun:
 
     def resume(self) -> bool:
         """Continue from the newest good checkpoint of the run folder; False when starting fresh."""
-        found = self.ckpts.load_latest()
+        found = self.ckpts.load_latest(tidy=self.dist.is_main)  # one rank renames and removes files
         if found is None:
             return False
         state, path = found
