@@ -15,14 +15,13 @@ once srun has returned, from what the ranks left behind:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
 from jobs import interruption as intr
 from jobs.manifest import Manifest, now_iso
-from jobs.runner import PROGRESS_FILE, JobSpec, cancel_dependents
+from jobs.runner import PROGRESS_FILE, JobSpec, cancel_dependents, read_progress_step
 from jobs.watchdog import clear_stall_notes, read_stall_notes
 
 log = logging.getLogger(__name__)
@@ -68,19 +67,17 @@ def _crash_cause(spec: JobSpec, job_id: str, step_status: int, last: dict | None
 
 
 def _record(manifest: Manifest, spec: JobSpec, last: dict | None, cause: str, detail: str, job_id: str) -> None:
-    fields = {"end": now_iso(), "cause": cause, "detail": detail, "reached_step": _reached(spec)}
+    fields = {
+        "end": now_iso(),
+        "cause": cause,
+        "detail": detail,
+        "reached_step": read_progress_step(Path(spec.run_dir) / PROGRESS_FILE),
+    }
     if last is None:  # rank 0 died before it could open the attempt
         n = manifest.start_attempt(spec.name, {"job_id": job_id, "scheduler": "slurm", "start": "unknown"})
         manifest.update_attempt(spec.name, n, **fields)
     else:
         manifest.update_attempt(spec.name, last["n"], **fields)
-
-
-def _reached(spec: JobSpec) -> int | None:
-    try:
-        return int(json.loads((Path(spec.run_dir) / PROGRESS_FILE).read_text())["step"])
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 def _requeue(manifest: Manifest, spec: JobSpec, job_id: str, cause: str, detail: str, step_status: int) -> int:

@@ -178,7 +178,8 @@ def _write_progress(path: Path, step: int, total_steps: int | None) -> None:
     os.replace(tmp, path)
 
 
-def _read_progress(path: Path) -> int | None:
+def read_progress_step(path: Path) -> int | None:
+    """The step a run's progress file last recorded (None when there is none or it is unreadable)."""
     try:
         return int(json.loads(path.read_text())["step"])
     except (OSError, ValueError, KeyError):
@@ -279,7 +280,7 @@ class _Attempt:
                 cause, detail = intr.STALLED, notes[0]["detail"]
             elif same_job:
                 cause, detail = self._accounting_cause(last) or (cause, detail)
-            reached = _read_progress(self.progress_path) if self.progress_path else None
+            reached = read_progress_step(self.progress_path) if self.progress_path else None
             self.manifest.update_attempt(
                 self.spec.name, last["n"], end="unknown", cause=cause, detail=detail, reached_step=reached
             )
