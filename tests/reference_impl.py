@@ -40,19 +40,18 @@ def linear(sd: dict, name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def sincos_table(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
-    """The (H*W, dim) fixed position table, one token at a time.
+    """The (H*W, dim) fixed position table, one token at a time, written from the stated layout.
 
-    Convention of the reference (MoCo-v3 style): the width coordinate is the first meshgrid axis, so the
-    flattened token n has w = n // H and h = n % H; its row is [sin(w*om), cos(w*om), sin(h*om), cos(h*om)]
-    with om_i = 1 / temperature^(i / (dim/4)), i = 0 .. dim/4 - 1.
+    Token n = row * W + col (row-major); its vector is [sin(col*om), cos(col*om), sin(row*om), cos(row*om)]
+    with om_i = 1 / temperature^(i / (dim/4)), i = 0 .. dim/4 - 1: the column comes first.
     """
     quarter = dim // 4
     omegas = [1.0 / temperature ** (i / quarter) for i in range(quarter)]
     rows = []
     for n in range(grid_h * grid_w):
-        w, h = n // grid_h, n % grid_h
-        row = [math.sin(w * om) for om in omegas] + [math.cos(w * om) for om in omegas]
-        row += [math.sin(h * om) for om in omegas] + [math.cos(h * om) for om in omegas]
+        r, c = n // grid_w, n % grid_w
+        row = [math.sin(c * om) for om in omegas] + [math.cos(c * om) for om in omegas]
+        row += [math.sin(r * om) for om in omegas] + [math.cos(r * om) for om in omegas]
         rows.append(row)
     return torch.tensor(rows, dtype=torch.float64).float()
 

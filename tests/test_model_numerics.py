@@ -112,7 +112,7 @@ def test_infonce_model_loss_matches_reference() -> None:
 
 
 def test_position_table_matches_reference_formula() -> None:
-    for grid, dim in [((2, 2), 4), ((3, 3), 8), ((7, 7), 64), ((14, 14), 384)]:
+    for grid, dim in [((2, 2), 4), ((3, 3), 8), ((2, 3), 8), ((7, 7), 64), ((14, 14), 384)]:
         model_table = sincos_2d_table(grid, dim)
         assert model_table.shape == (1, grid[0] * grid[1], dim)
         torch.testing.assert_close(model_table[0], ref.sincos_table(*grid, dim), atol=1e-6, rtol=0)
@@ -121,21 +121,31 @@ def test_position_table_matches_reference_formula() -> None:
 
 
 def test_position_table_2x2_by_hand() -> None:
-    # dim 4: one frequency (omega = 1). Token n has w = n // 2, h = n % 2; row = [sin w, cos w, sin h, cos h].
+    # dim 4: one frequency (omega = 1). Token n is row n // 2, column n % 2; its vector is
+    # [sin col, cos col, sin row, cos row] (the column first, as the reference's xy meshgrid).
     s, c = 0.8414709848078965, 0.5403023058681398  # sin(1), cos(1)
     expected = torch.tensor(
         [
-            [0.0, 1.0, 0.0, 1.0],  # w=0, h=0
-            [0.0, 1.0, s, c],  # w=0, h=1
-            [s, c, 0.0, 1.0],  # w=1, h=0
-            [s, c, s, c],  # w=1, h=1
+            [0.0, 1.0, 0.0, 1.0],  # row 0, col 0
+            [s, c, 0.0, 1.0],  # row 0, col 1: first channel sin(1) = 0.8415
+            [0.0, 1.0, s, c],  # row 1, col 0
+            [s, c, s, c],  # row 1, col 1
         ]
     )
     torch.testing.assert_close(sincos_2d_table((2, 2), 4)[0], expected, atol=1e-7, rtol=0)
-    # dim 8: frequencies 1 and 1/10000^(1/2) = 0.01, token 2 is (w=1, h=0).
-    row = sincos_2d_table((2, 2), 8)[0, 2]
+    # dim 8: frequencies 1 and 1/10000^(1/2) = 0.01; token 1 is (row 0, col 1), channel quarter*2 = 4 is sin(0).
+    token = sincos_2d_table((2, 2), 8)[0, 1]
     s2, c2 = 0.009999833334166664, 0.9999500004166653  # sin(0.01), cos(0.01)
-    torch.testing.assert_close(row, torch.tensor([s, s2, c, c2, 0.0, 0.0, 1.0, 1.0]), atol=1e-7, rtol=0)
+    torch.testing.assert_close(token, torch.tensor([s, s2, c, c2, 0.0, 0.0, 1.0, 1.0]), atol=1e-7, rtol=0)
+
+
+def test_position_table_of_a_wide_grid_by_hand() -> None:
+    # A 2 x 3 grid (H=2, W=3), dim 4: token 2 is row 0, col 2; token 3 is row 1, col 0 (n = row * W + col).
+    table = sincos_2d_table((2, 3), 4)[0]
+    assert table.shape == (6, 4)
+    s1, c1, s2, c2 = 0.8414709848078965, 0.5403023058681398, 0.9092974268256817, -0.4161468365471424
+    torch.testing.assert_close(table[2], torch.tensor([s2, c2, 0.0, 1.0]), atol=1e-7, rtol=0)
+    torch.testing.assert_close(table[3], torch.tensor([0.0, 1.0, s1, c1]), atol=1e-7, rtol=0)
 
 
 # -- the released checkpoints' format -------------------------------------------------------------------------
