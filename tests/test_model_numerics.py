@@ -111,6 +111,24 @@ def test_infonce_model_loss_matches_reference() -> None:
     torch.testing.assert_close(loss, want, atol=ATOL, rtol=RTOL)
 
 
+def test_infonce_defaults_to_the_reference_temperature_of_one() -> None:
+    # The reference's `--contrast-temp` defaults to 1.0: the config and the model factory both start there.
+    from extrema.config import PretrainConfig
+
+    assert PretrainConfig().temperature == 1.0
+    model = tiny_model("vit_nano", 32, 8)
+    model.loss_name = "infonce"
+    assert model.temperature == 1.0
+    gen = torch.Generator().manual_seed(6)
+    views = torch.randn(2, 3, 3, 32, 32, generator=gen)
+    keep = sample_masks(3, 16, 0.5, 2, gen)
+    expected = ref.siamese_forward(reference_state_dict(model), views[0], views[1], list(keep), num_heads=2)
+    with torch.no_grad():
+        loss = model(views[0], views[1], keep)["loss"]
+    want = ref.infonce_loss(expected["pred_per_mask"], expected["target"], rank=0, temperature=1.0)
+    torch.testing.assert_close(loss, want, atol=ATOL, rtol=RTOL)
+
+
 def test_position_table_matches_reference_formula() -> None:
     for grid, dim in [((2, 2), 4), ((3, 3), 8), ((2, 3), 8), ((7, 7), 64), ((14, 14), 384)]:
         model_table = sincos_2d_table(grid, dim)

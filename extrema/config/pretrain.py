@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from extrema.config.common import DataConfig, ModelConfig, RunConfig, check_choice, check_positive
+from extrema.models.siamese import CONTRAST_TEMPERATURE
 
 AUGMENTATIONS = ("color", "spatial", "center")
 LOSS_NAMES = ("byol", "infonce")
@@ -74,8 +75,8 @@ class PretrainConfig:
     """Colour-jitter the crops as batched tensor ops on the training device instead of per image on CPU."""
     loss: str = "byol"
     """byol or infonce."""
-    temperature: float = 0.2
-    """InfoNCE temperature."""
+    temperature: float = CONTRAST_TEMPERATURE
+    """InfoNCE temperature (the reference's `--contrast-temp` default, 1.0)."""
     momentum: float = 0.996
     """Base EMA momentum m0 (cosine to 1)."""
     init_from: str | None = None

@@ -20,6 +20,8 @@ from extrema.models.heads import predictor as make_predictor
 from extrema.models.heads import projector as make_projector
 from extrema.models.registry import create_encoder
 
+CONTRAST_TEMPERATURE = 1.0  # the reference's `--contrast-temp` default for the InfoNCE form
+
 
 class ExtremaModel(nn.Module):
     """Student (masked views) predicts the EMA teacher's embedding of the full view."""
@@ -31,7 +33,7 @@ class ExtremaModel(nn.Module):
         proj_dim: int = 256,
         mlp_dim: int = 4096,
         loss: str = "byol",
-        temperature: float = 0.2,
+        temperature: float = CONTRAST_TEMPERATURE,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
@@ -89,7 +91,7 @@ def create_model(
     proj_dim: int = 256,
     mlp_dim: int = 4096,
     loss: str = "byol",
-    temperature: float = 0.2,
+    temperature: float = CONTRAST_TEMPERATURE,
 ) -> ExtremaModel:
     """Build the siamese model for a named encoder size."""
     encoder = create_encoder(
