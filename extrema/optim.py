@@ -31,11 +31,19 @@ def build_adamw(
     (and a temporary for the square root), which costs 3x more on a CPU, where the update is memory-bound.
     Both compute the same AdamW update (they differ by float rounding only).
     """
-    groups = decay_groups(model, weight_decay, skip)
+    return fused_adamw(decay_groups(model, weight_decay, skip), lr=lr, betas=betas, eps=eps)
+
+
+def fused_adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: float) -> torch.optim.AdamW:
+    """torch's AdamW over groups that carry their own weight decay: fused where torch has the kernel, else foreach.
+
+    With fp16, GradScaler hands the fused kernel its scale and inf flag on the device, so a step needs no host
+    sync; with the unfused kernels the scaler reads the inf flag on the host every step.
+    """
     try:
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
     except RuntimeError:  # no fused kernel for this device in this torch version
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=True)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
 
 
 def set_lr_and_wd(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:

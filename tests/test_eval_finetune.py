@@ -15,7 +15,7 @@ import pytest
 import torch
 from timm.loss import SoftTargetCrossEntropy
 
-from extrema.checkpoint import read_checkpoint
+from extrema.checkpoint import CheckpointError, read_checkpoint
 from extrema.engine.finetune import FinetuneTrainer
 from tests.eval_runs import NUM_CLASSES, finetune_config, write_dataset, write_pretrain_checkpoint
 
@@ -55,10 +55,56 @@ def test_layer_decay_groups_carry_the_formula_lr(data, tmp_path):
             group = group_of[id(param)]
             expected = base * 0.65 ** (depth + 1 - beit_layer_id(name, depth))
             assert group["lr"] == pytest.approx(expected, rel=1e-9), (name, step)
-            no_decay = param.ndim <= 1 or name.endswith(".bias")
+            no_decay = param.ndim <= 1 or name.endswith(".bias") or name == "pos_embed"
             assert group["weight_decay"] == (0.0 if no_decay else 0.05), name
     assert {beit_layer_id(n, depth) for n, _ in trainer.model.named_parameters()} == set(range(depth + 2))
     assert all(g["betas"] == (0.9, 0.999) for g in trainer.optimizer.param_groups)
+
+
+def test_position_embedding_is_trained_in_the_stem_group_without_decay(data, tmp_path):
+    # Reference: a learnable position embedding from the pretrained table, layer id 0 (scale 0.65^13 for
+    # 12 blocks), no weight decay. vit_small has 12 blocks, as ViT-B.
+    checkpoint = tmp_path / "pretrain.pt"
+    pretrained = write_pretrain_checkpoint(checkpoint)
+    trainer = FinetuneTrainer(finetune_config(*data, str(checkpoint), arch="vit_nano"), tmp_path / "nano")
+    assert torch.equal(trainer.model.pos_embed, pretrained.base_encoder.pos_embed)  # initialised from the table
+    before = trainer.model.pos_embed.detach().clone()
+    batches = iter(trainer.loader)
+    for _ in range(3):  # the warm-up's first step has lr 0
+        batch = next(batches)
+        trainer.train_step(batch["image"], batch["label"])
+    assert not torch.equal(trainer.model.pos_embed, before)
+
+    # DDP runs with broadcast_buffers=False: right only while the model has no buffers to keep in step.
+    assert list(trainer.model.buffers()) == []
+    assert isinstance(trainer.optimizer, torch.optim.AdamW) and trainer.optimizer.defaults["fused"]
+
+    small = FinetuneTrainer(finetune_config(*data, arch="vit_small"), tmp_path / "small")
+    assert len(small.model.blocks) == 12
+    (group,) = [g for g in small.optimizer.param_groups if any(p is small.model.pos_embed for p in g["params"])]
+    assert group["lr_scale"] == pytest.approx(0.65**13, rel=1e-12)
+    assert group["weight_decay"] == 0.0
+
+
+def test_a_frozen_position_embedding_stays_and_a_resume_must_keep_the_choice(data, tmp_path):
+    cfg = finetune_config(*data, train_pos_embed=False)
+    trainer = FinetuneTrainer(cfg, tmp_path / "run")
+    in_optimizer = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert id(trainer.model.pos_embed) not in in_optimizer
+    before = trainer.model.pos_embed.detach().clone()
+    batches = iter(trainer.loader)
+    for _ in range(3):
+        batch = next(batches)
+        trainer.train_step(batch["image"], batch["label"])
+    assert torch.equal(trainer.model.pos_embed, before)
+
+    state = trainer.state_dict()  # a run with a frozen table cannot continue as one that trains it
+    other = FinetuneTrainer(finetune_config(*data), tmp_path / "other")
+    with pytest.raises(CheckpointError, match=r"finetune.train_pos_embed=false"):
+        other.load_state_dict(state)
+    del state["config"]["train_pos_embed"]  # a run saved before the switch existed had a fixed table
+    with pytest.raises(CheckpointError, match=r"finetune.train_pos_embed=false"):
+        other.load_state_dict(state)
 
 
 def test_mixup_cutmix_in_training_and_never_in_evaluation(data, tmp_path):

@@ -196,6 +196,8 @@ class FinetuneConfig:
     """Label smoothing."""
     head_init_scale: float = 0.001
     """The classifier's initial weights and bias are multiplied by this."""
+    train_pos_embed: bool = True
+    """Train the position embedding (the reference's learnable one, from the pretrained table); false freezes it."""
     model_ema: bool = False
     """Keep an EMA of the weights (timm ModelEmaV3) and evaluate it too."""
     model_ema_decay: float = 0.9999

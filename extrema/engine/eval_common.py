@@ -213,19 +213,25 @@ class FrozenFeatures(nn.Module):
 
 class FinetuneViT(nn.Module):
     """The BEiT-style finetune model: the encoder's patch embedding, positions and self-attention blocks,
-    no [cls] and no class-attention blocks; mean-pooled patch tokens -> fc_norm -> Linear head.
+    no [cls] and no class-attention blocks; mean-pooled patch tokens -> fc_norm -> Linear head. The position
+    embedding is trained (no weight decay, in the patch embedding's layer-decay group), as the reference's.
 
     Parameter names equal the encoder's (`patch_embed.*`, `blocks.*`) so pretrained weights load by name.
     The token path repeats the encoder's three-line embedding rather than keeping the whole encoder (whose
     [cls], class-attention blocks and final norm would then be dead parameters in every state dict).
     """
 
-    def __init__(self, encoder: ExtremaViT, num_classes: int, head_init_scale: float = 0.001) -> None:
+    def __init__(
+        self, encoder: ExtremaViT, num_classes: int, head_init_scale: float = 0.001, train_pos_embed: bool = True
+    ) -> None:
         super().__init__()
         self.embed_dim = encoder.embed_dim
         self.num_classes = num_classes
         self.patch_embed = encoder.patch_embed
-        self.register_buffer("pos_embed", encoder.pos_embed.clone(), persistent=True)
+        # A parameter either way (same state-dict key as the encoder's buffer); trained as BEiT's learnable
+        # position embedding, initialised from the pretrained table, unless frozen. A frozen one is left out
+        # of the optimizer (timm's groups skip parameters without grad).
+        self.pos_embed = nn.Parameter(encoder.pos_embed.detach().clone(), requires_grad=train_pos_embed)
         self.pos_drop = encoder.pos_drop
         self.blocks = encoder.blocks
         self.fc_norm = LayerNorm6(self.embed_dim)

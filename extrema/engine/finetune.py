@@ -1,8 +1,8 @@
 """The BEiT-style finetune, built from timm parts, exactly resumable.
 
 Model: the encoder without [cls] and class-attention blocks; mean-pooled patch tokens -> fc_norm -> Linear
-(head scaled by 0.001 after init); drop-path 0.2. Optimiser: timm's AdamW with layer-wise lr decay 0.65
-(`create_optimizer_v2(..., layer_decay=)`, layers from `FinetuneViT.group_matcher`), lr scaled by global
+(head scaled by 0.001 after init); drop-path 0.2. Optimiser: AdamW with layer-wise lr decay 0.65
+(timm's `param_groups_layer_decay`, layers from `FinetuneViT.group_matcher`; torch's fused AdamW), lr scaled by global
 batch / 256, timm's per-step warm-up + cosine to 1e-6. Data: timm's `create_transform` (RandAugment
 rand-m9-mstd0.5-inc1, random erasing 0.25, bicubic), timm's Mixup 0.8 / CutMix 1.0 with label smoothing
 0.1 and SoftTargetCrossEntropy; evaluation without any of these, sharded over ranks. Optional timm
@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
+from timm.optim import param_groups_layer_decay
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from extrema.checkpoint import FORMAT
+from extrema.checkpoint import FORMAT, CheckpointError
 from extrema.config.evaluation import FinetuneConfig
 from extrema.data import IMAGENET_MEAN, IMAGENET_STD
 from extrema.data.randaugment import keep_zero_bit_posterize
@@ -47,6 +47,7 @@ from extrema.engine.eval_common import (
 )
 from extrema.engine.eval_data import open_splits, per_rank_batch, sum_over_ranks, train_loader, val_batches
 from extrema.engine.logbook import Logbook
+from extrema.optim import fused_adamw
 from extrema.precision import autocast, make_scaler
 from extrema.rng import capture_rng_state, restore_rng_state, seed_everything
 from extrema.schedules import scaled_lr
@@ -130,23 +131,29 @@ class FinetuneTrainer(EvaluationRun):
         train_tf, val_tf = finetune_transforms(cfg)
         self.splits = open_splits(cfg.data, train_tf, val_tf)
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
-        self.model = FinetuneViT(build_encoder(cfg.model), self.splits.num_classes, cfg.head_init_scale)
+        self.model = FinetuneViT(
+            build_encoder(cfg.model), self.splits.num_classes, cfg.head_init_scale, cfg.train_pos_embed
+        )
         self.weights = load_finetune_weights(self.model, cfg.checkpoint, cfg.branch)
         self.model.to(self.device)
         seed_everything(cfg.run.seed + self.dist.rank)  # then per-rank streams: drop-path, Mixup's NumPy draws
         self.ema = ModelEmaV3(self.model, decay=cfg.model_ema_decay) if cfg.model_ema else None
-        self.net: nn.Module = DistributedDataParallel(self.model) if is_distributed() else self.model
+        # The model holds no buffers (the position embedding is a parameter), so there is nothing to broadcast
+        # before every forward.
+        self.net: nn.Module = (
+            DistributedDataParallel(self.model, broadcast_buffers=False) if is_distributed() else self.model
+        )
 
         self.peak_lr = scaled_lr(cfg.base_lr, cfg.batch_size)
-        self.optimizer = create_optimizer_v2(
+        # timm's layer-decay groups (layer ids from FinetuneViT.group_matcher, no decay for no_weight_decay()),
+        # under the fused AdamW.
+        groups = param_groups_layer_decay(
             self.model,
-            opt="adamw",
-            lr=self.peak_lr,
             weight_decay=cfg.weight_decay,
+            no_weight_decay_list=self.model.no_weight_decay(),
             layer_decay=cfg.layer_decay,
-            betas=(cfg.beta1, cfg.beta2),
-            eps=cfg.eps,
         )
+        self.optimizer = fused_adamw(groups, lr=self.peak_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
         self.scaler = make_scaler(cfg.run.precision, self.device)
         self.mixup = build_mixup(cfg, self.splits.num_classes)
         self.criterion = build_criterion(cfg)
@@ -319,6 +326,14 @@ class FinetuneTrainer(EvaluationRun):
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a `state_dict()` of this run (strict: the same model and classes)."""
+        # Runs saved before the position embedding was trained have no such key and a fixed table.
+        saved_train_pos = state.get("config", {}).get("train_pos_embed", False)
+        if saved_train_pos != self.cfg.train_pos_embed:
+            raise CheckpointError(
+                f"this finetune run was started with train_pos_embed={saved_train_pos} and its optimizer state "
+                f"holds {'' if saved_train_pos else 'no '}position embedding; continue it with "
+                f"finetune.train_pos_embed={str(saved_train_pos).lower()}, or use a new run folder"
+            )
         self.model.load_state_dict(state["model"], strict=True)
         if self.ema is not None and state.get("model_ema") is not None:
             self.ema.module.load_state_dict(state["model_ema"], strict=True)
