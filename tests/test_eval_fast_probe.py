@@ -65,7 +65,7 @@ def test_one_grid_step_equals_independent_sgd_per_head():
         linear = torch.nn.Linear(6, 3)
         linear.weight.data.copy_(grid.weight.data[i])
         linear.bias.data.copy_(grid.bias.data[i])
-        bn = torch.nn.BatchNorm1d(6, affine=False, eps=1e-6)
+        bn = torch.nn.BatchNorm1d(6, affine=False, eps=1e-5)  # the reference head's eps
         head = torch.nn.Sequential(bn, linear) if spec.batchnorm else torch.nn.Sequential(linear)
         singles.append((head, torch.optim.SGD(head.parameters(), lr=spec.base_lr, momentum=0.9)))
     opt = GridSGD(grid, momentum=0.9)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-BN_EPS = 1e-6  # as the MAE-style linear probe's BatchNorm1d(affine=False, eps=1e-6)
+from extrema.models.probe_head import PROBE_BN_EPS
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class HeadGrid(nn.Module):
         if any(s.batchnorm for s in self.specs[self.num_bn :]):
             raise ValueError("HeadGrid needs the BN heads first; build the specs with grid_specs()")
         h = len(self.specs)
-        self.bn = nn.BatchNorm1d(dim, affine=False, eps=BN_EPS)
+        self.bn = nn.BatchNorm1d(dim, affine=False, eps=PROBE_BN_EPS)
         # Reference head init: weight ~ N(0, 0.01), bias 0; weight laid out as nn.Linear's (C, D) per head.
         self.weight = nn.Parameter(torch.randn(h, num_classes, dim, generator=generator) * 0.01)
         self.bias = nn.Parameter(torch.zeros(h, num_classes))

@@ -1,10 +1,10 @@
 """The reference linear probe, exactly resumable.
 
 Frozen encoder in eval mode (teacher by default); feature = un-normed [cls] output of the class-attention
-blocks; head BatchNorm1d(affine=False) -> Linear (N(0, 0.01) weight, zero bias); SGD momentum 0.9 without
-weight decay, lr 0.1 x batch / 256 with a per-step warm-up + cosine; RandomResizedCrop + flip for train,
-resize + center crop for val; top-1 / top-5. The encoder's weights are fingerprinted before and after
-training, and a difference is an error.
+blocks; head SyncBatchNorm(affine=False, eps 1e-5: statistics of the global batch) -> Linear (N(0, 0.01)
+weight, zero bias); SGD momentum 0.9 without weight decay, lr 0.1 x batch / 256 with a per-step warm-up +
+cosine; RandomResizedCrop + flip for train, resize + center crop for val; top-1 / top-5. The encoder's
+weights are fingerprinted before and after training, and a difference is an error.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from extrema.engine.eval_common import (
     weights_digest,
 )
 from extrema.engine.eval_data import open_splits, per_rank_batch, sum_over_ranks, train_loader, val_batches
-from extrema.engine.head_grid import BN_EPS
 from extrema.engine.logbook import Logbook
+from extrema.models.probe_head import PROBE_BN_EPS, build_probe_head
 from extrema.precision import autocast
 from extrema.rng import capture_rng_state, restore_rng_state, seed_everything
 from extrema.schedules import scaled_lr, warmup_cosine
@@ -42,14 +42,6 @@ from extrema.schedules import scaled_lr, warmup_cosine
 log = logging.getLogger(__name__)
 
 PROTOCOL = "linear_probe"
-
-
-def build_probe_head(dim: int, num_classes: int) -> nn.Sequential:
-    """BatchNorm1d(dim, affine=False) -> Linear(dim, classes) with weight ~ N(0, 0.01) and zero bias."""
-    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=BN_EPS), nn.Linear(dim, num_classes))
-    nn.init.normal_(head[1].weight, std=0.01)
-    nn.init.zeros_(head[1].bias)
-    return head
 
 
 class LinearProbeTrainer(EvaluationRun):
@@ -74,7 +66,10 @@ class LinearProbeTrainer(EvaluationRun):
         size = cfg.model.img_size
         self.splits = open_splits(cfg.data, make_eval_transform("train", size), make_eval_transform("val", size))
         self.head = build_probe_head(encoder.embed_dim, self.splits.num_classes).to(self.device)
-        self.net: nn.Module = DistributedDataParallel(self.head) if is_distributed() else self.head
+        # The BN's statistics are the global batch's on every rank, so its buffers agree without a broadcast.
+        self.net: nn.Module = (
+            DistributedDataParallel(self.head, broadcast_buffers=False) if is_distributed() else self.head
+        )
         self.peak_lr = scaled_lr(cfg.base_lr, cfg.batch_size)
         self.optimizer = torch.optim.SGD(
             self.head.parameters(), lr=self.peak_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
@@ -197,7 +192,7 @@ class LinearProbeTrainer(EvaluationRun):
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
             "feature": "un-normed [cls] after the class-attention blocks",
-            "head": f"BatchNorm1d(affine=False, eps={BN_EPS}) -> Linear",
+            "head": f"SyncBatchNorm(affine=False, eps={PROBE_BN_EPS}, global batch) -> Linear",
         }
 
     # ---- state -----------------------------------------------------------------------------------------------
