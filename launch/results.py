@@ -1,8 +1,8 @@
 """`python -m launch results [ROOT]`: every experiment under a root in one table with the published
 columns (name, pretrain data, epochs, masking, color-aug, wall time, linear, finetune) plus GPU-hours,
-requeues, kNN and fast-probe accuracy, and how many times the experiment's settings were amended
-(`pipeline.amend=true`: its runs then mixed settings; `status` lists the changes). Writes Markdown and CSV
-and prints a rich table.
+requeues, kNN, the fast probe's estimate of the linear probe ("linear (fast est.)"), and how many times
+the experiment's settings were amended (`pipeline.amend=true`: its runs then mixed settings; `status`
+lists the changes). Writes Markdown and CSV and prints a rich table.
 
 A metric that does not exist (an evaluation that has not run or failed) is shown as missing ("-"),
 never as 0. Wall time sums every attempt of the pretraining job. Evaluations of milestone checkpoints
@@ -31,7 +31,7 @@ from launch.status import JobStatus, collect, find_experiments, format_duration
 MISSING = "-"
 COLUMNS = (
     "experiment", "name", "pretrain data", "epochs", "masking", "color-aug", "wall time",
-    "linear", "finetune", "GPU-hours", "requeues", "kNN", "fast-probe", "amended",
+    "linear", "finetune", "GPU-hours", "requeues", "kNN", "linear (fast est.)", "amended",
 )  # fmt: skip
 _MODEL_NAMES = {"vit_tiny": "ViT-Tiny", "vit_small": "ViT-Small", "vit_base": "ViT-Base", "vit_large": "ViT-Large"}
 
@@ -193,7 +193,9 @@ def to_csv(rows: list[ResultRow]) -> str:
 def to_rich(rows: list[ResultRow], title: str) -> Table:
     table = Table(title=title, title_justify="left")
     for column in COLUMNS:
-        table.add_column(column, justify="right" if column in ("linear", "finetune", "kNN", "fast-probe") else "left")
+        table.add_column(
+            column, justify="right" if column in ("linear", "finetune", "kNN", "linear (fast est.)") else "left"
+        )
     for r in rows:
         table.add_row(*map(escape, r.cells()))  # names and paths are the user's text, never markup
     return table

@@ -102,7 +102,7 @@ def test_demo_resumes_after_ctrl_c_and_reports(tmp_path: Path) -> None:
 
     with open(out / "results.csv") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["backbone", "linear probe", "fast probe", "kNN", "finetune", "pretraining"]
+    assert rows[0] == ["backbone", "linear probe", "linear (fast est.)", "kNN", "finetune", "pretraining"]
     assert [r[0] for r in rows[1:]] == ["ExtreMA pretrained", "random init", "gain (points)"]
     linear = json.loads((experiment / "linprobe" / "metrics.json").read_text())["results"]["top1"]
     linear_random = json.loads((baseline / "linprobe" / "metrics.json").read_text())["results"]["top1"]

@@ -34,7 +34,8 @@ def separable_features(n: int, dim: int, num_classes: int, seed: int) -> tuple[t
 def test_default_grid_has_at_least_16_heads_with_and_without_bn():
     cfg = FastProbeConfig()
     specs = grid_specs(cfg.lrs, cfg.batchnorm)
-    assert len(specs) == cfg.num_heads >= 16
+    assert len(specs) == len(cfg.lrs) * len(cfg.batchnorm) >= 16
+    assert cfg.protocol_lr in cfg.lrs  # the default grid holds the linear probe's head already
     assert {s.batchnorm for s in specs} == {True, False}
     assert len({(s.base_lr, s.batchnorm) for s in specs}) == len(specs)
 
@@ -165,5 +166,33 @@ def test_extraction_and_head_training_resume_exactly_and_the_run_reports(data, t
     record = records[0]
     assert record["protocol"] == "fast_probe" and len(record["results"]["grid"]) == 16
     assert record["results"]["knn"]["k"] == 5 and 0 <= record["results"]["knn"]["top1"] <= 100
-    assert record["results"]["top1"] == record["results"]["chosen"]["val_top1"]
+    # The headline estimates the linear probe: the BN head at the protocol lr, whatever the grid's best is.
+    assert record["results"]["estimates"] == "linear_probe"
+    assert record["results"]["protocol_head"]["name"] == "lr0.1_bn"
+    assert record["results"]["top1"] == record["results"]["protocol_head"]["val_top1"]
     assert record["weights"]["path"] == str(checkpoint) and record["weights"]["step"] == 123
+
+
+def test_the_linear_probe_head_joins_a_grid_that_lacks_it(data, tmp_path):
+    trainer = FastProbeTrainer(fast_probe_config(*data, lrs=[0.01, 1.0], batchnorm=[False]), tmp_path / "run")
+    assert [s.name for s in trainer.specs] == ["lr0.1_bn", "lr0.01_nobn", "lr1_nobn"]
+    assert trainer.protocol_index == 0
+
+
+def test_train_features_come_from_one_seeded_protocol_view_per_image(data, tmp_path):
+    # The train cache holds one RandomResizedCrop + flip view per image, drawn from (seed, image): the same
+    # again in a second run, other than the centre crop, and other again under another seed.
+    checkpoint = tmp_path / "pretrain.pt"
+    write_pretrain_checkpoint(checkpoint)  # the same backbone whatever the run's seed
+
+    def train_features(name: str, **kw) -> torch.Tensor:
+        trainer = FastProbeTrainer(fast_probe_config(*data, str(checkpoint), **kw), tmp_path / name)
+        assert trainer.extract_features(stop_requested=lambda: False)
+        return trainer.caches["train"].load()[0].float()
+
+    first, again = train_features("a"), train_features("b")
+    assert torch.equal(first, again)
+    center = train_features("center", train_view="center")
+    other_seed = train_features("seed1", run={"seed": 1})
+    for different in (center, other_seed):
+        assert (first - different).abs().amax(dim=1).min() > 0  # every image's view differs

@@ -13,6 +13,7 @@ from extrema.config.common import DataConfig, ModelConfig, RunConfig, check_choi
 BRANCHES = ("teacher", "student")
 FEATURE_DTYPES = ("float16", "float32")
 KNN_FEATURES = ("embedding", "cls")
+FAST_PROBE_VIEWS = ("protocol", "center")
 MIXUP_MODES = ("batch", "pair", "elem")
 ERASE_MODES = ("pixel", "rand", "const")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
@@ -86,12 +87,17 @@ class FastProbeConfig:
     """Images per rank per forward pass while extracting features."""
     feature_dtype: str = "float16"
     """Storage type of the cached features (float16 halves disk and memory; the heads train in float32)."""
+    train_view: str = "protocol"
+    """Train features from: protocol (one RandomResizedCrop + flip view per image, the linear probe's train
+    transform, seeded by image) or center (resize + center crop, as val)."""
     batch_size: int = 4096
-    """Head-training batch (every rank trains the whole grid on the same batches)."""
+    """Head-training batch (every rank trains the whole grid on the same batches); the linear probe's by default."""
     epochs: int = 90
-    """Epochs over the cached training features."""
+    """Epochs over the cached training features (the linear probe's by default)."""
     warmup_epochs: float = 10
     """Linear lr warm-up length in epochs (then a half-cosine to 0)."""
+    protocol_lr: float = 0.1
+    """lr per 256 images of the head that estimates the linear probe (the linear probe's base_lr); in the grid."""
     lrs: list[float] = field(default_factory=lambda: [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
     """Grid of lrs per 256 images; each is tried with and without the BatchNorm (`batchnorm`)."""
     batchnorm: list[bool] = field(default_factory=lambda: [True, False])
@@ -113,6 +119,8 @@ class FastProbeConfig:
         check_choice("branch", self.branch, BRANCHES)
         check_choice("feature_dtype", self.feature_dtype, FEATURE_DTYPES)
         check_choice("knn_feature", self.knn_feature, KNN_FEATURES)
+        check_choice("train_view", self.train_view, FAST_PROBE_VIEWS)
+        check_positive("protocol_lr", self.protocol_lr)
         _check_schedule("", self.epochs, self.warmup_epochs)
         for name in ("extract_batch_size", "batch_size", "knn_k", "knn_temperature"):
             check_positive(name, getattr(self, name))
@@ -124,11 +132,6 @@ class FastProbeConfig:
             raise ValueError(f"holdout_fraction={self.holdout_fraction} must be in (0, 1)")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum={self.momentum} must be in [0, 1)")
-
-    @property
-    def num_heads(self) -> int:
-        """Size of the head grid."""
-        return len(self.lrs) * len(self.batchnorm)
 
 
 def _finetune_model() -> ModelConfig:

@@ -26,7 +26,7 @@ from extrema.data.device_color import (
 )
 from extrema.data.filelist import IMG_EXTENSIONS, default_cache_dir
 from extrema.data.folder import ImageFolderDataset, LoadedSample, decode_image, split_root
-from extrema.data.loader import ResumableLoader, SampleKey, build_loader, to_views
+from extrema.data.loader import OneViewPerImage, ResumableLoader, SampleKey, build_loader, to_views
 from extrema.data.sampler import ResumableDistributedSampler
 from extrema.data.seeding import sample_generator, sample_seed, seeded_global_rng
 from extrema.data.transforms import (
@@ -39,6 +39,7 @@ from extrema.data.transforms import (
 )
 
 __all__ = [
+    "OneViewPerImage",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMG_EXTENSIONS",

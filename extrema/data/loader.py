@@ -84,6 +84,21 @@ class SeededSamples(Dataset):
         return {"image": image, "label": loaded.label, "index": key.index, "skipped": loaded.skipped}
 
 
+class OneViewPerImage(Dataset):
+    """dataset[i] -> (view, label) with the transform seeded from (seed, i): the same view of image i every time
+    it is read (a resumed or repeated feature extraction reads exactly what the first one did)."""
+
+    def __init__(self, dataset: Any, seed: int) -> None:
+        self.samples = SeededSamples(dataset, seed)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        sample = self.samples[SampleKey(0, index)]
+        return sample["image"], sample["label"]
+
+
 class ResumableLoader:
     """Iterate batches; `state_dict()` says where to resume (epoch, position in samples of this rank).
 

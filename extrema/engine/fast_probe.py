@@ -1,10 +1,14 @@
-"""The fast probe: features extracted once, then a grid of linear heads and a kNN classifier on the cache.
+"""The fast probe: an estimate of the linear probe from features extracted once, plus a head grid and kNN.
 
-Beyond the reference protocol, and much cheaper: the frozen encoder runs once per image (center crop, no
-augmentation) instead of once per image per epoch, and one pass over the cached features trains every head
-of a grid (lrs x with/without the BN) at once. The head is chosen on a split held out from train (val is
-never used for choosing); val accuracy is reported for the chosen head and for the whole grid. kNN
-(k=20, cosine similarity, exp(sim / T) votes, as DINO) runs on the same cache.
+The frozen encoder runs once per image instead of once per image per epoch (90x fewer forward passes at the
+published 90 epochs). Each train image is seen through one view drawn as the linear probe draws its train
+views (RandomResizedCrop + flip, seeded by the image), so the head that uses the linear probe's own settings
+(BN head, its lr and schedule) estimates the protocol's number: that head's val accuracy is the fast probe's
+`top1`. Training on centre crops instead (`train_view=center`) matches val's view and reads several points
+higher than the protocol. One pass over the cache trains a whole grid of heads (lrs x with/without the BN)
+at once; the best of them on a split held out from train (val never chooses) is reported as `best`, a bound
+on what a tuned probe could read. kNN (k=20, cosine similarity, exp(sim / T) votes, as DINO) runs on the
+cache too.
 
 Stages, each resumable: extract train -> extract val (memory-mapped files in run_dir/features, flushed
 every `run.save_every_steps` batches) -> train the heads (step checkpoints) -> choose, evaluate, kNN.
@@ -22,7 +26,7 @@ import torch
 
 from extrema.checkpoint import FORMAT, CheckpointError
 from extrema.config.evaluation import FastProbeConfig
-from extrema.data import make_eval_transform
+from extrema.data import OneViewPerImage, make_eval_transform
 from extrema.engine.base import FitResult, StopRequested, run_length
 from extrema.engine.checkpointed import EvaluationRun, run_checkpoints
 from extrema.engine.eval_common import (
@@ -35,7 +39,15 @@ from extrema.engine.eval_common import (
 )
 from extrema.engine.eval_data import open_splits, sum_over_ranks
 from extrema.engine.feature_cache import FeatureCache
-from extrema.engine.head_grid import GridSGD, HeadGrid, grid_loss, grid_specs, grid_topk_correct
+from extrema.engine.head_grid import (
+    GridSGD,
+    HeadGrid,
+    HeadSpec,
+    grid_loss,
+    grid_specs,
+    grid_topk_correct,
+    with_protocol_head,
+)
 from extrema.engine.knn import knn_scores
 from extrema.engine.logbook import Logbook
 from extrema.precision import autocast
@@ -46,6 +58,11 @@ log = logging.getLogger(__name__)
 
 PROTOCOL = "fast_probe"
 FEATURE_DIR = "features"
+PROTOCOL_ESTIMATED = "linear_probe"  # what `top1` / `top5` estimate
+TRAIN_VIEWS = {
+    "protocol": "one RandomResizedCrop + flip view per image, seeded by the image (features extracted once)",
+    "center": "resize + center crop (features extracted once, no augmentation)",
+}
 
 
 def holdout_split(num_rows: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,16 +99,19 @@ class FastProbeTrainer(EvaluationRun):
         self.weights = load_probe_backbone(encoder, cfg.checkpoint, cfg.branch)
         self.features = FrozenFeatures(encoder).to(self.device)
         self.backbone_digest = weights_digest(self.features)
-        # Both splits are read with the deterministic val transform: one feature per image, reusable every epoch.
-        view = make_eval_transform("val", cfg.model.img_size)
-        self.splits = open_splits(cfg.data, view, view)
+        # One feature per image, reused every epoch: val through its deterministic view, train through one view
+        # drawn as the linear probe's (or val's view with train_view=center).
+        size = cfg.model.img_size
+        train_split = "train" if cfg.train_view == "protocol" else "val"
+        self.splits = open_splits(cfg.data, make_eval_transform(train_split, size), make_eval_transform("val", size))
         self.dim, self.num_classes = encoder.embed_dim, self.splits.num_classes
         self.caches = {
             split: FeatureCache(self.run_dir / FEATURE_DIR, split, self._fingerprint(split), self.dist)
             for split in ("train", "val")
         }
 
-        self.specs = grid_specs(cfg.lrs, cfg.batchnorm)
+        self.specs = with_protocol_head(grid_specs(cfg.lrs, cfg.batchnorm), cfg.protocol_lr)
+        self.protocol_index = self.specs.index(HeadSpec(cfg.protocol_lr, True))
         self.grid = HeadGrid(self.dim, self.num_classes, self.specs, torch.Generator().manual_seed(cfg.run.seed))
         self.grid.to(self.device)
         self.optimizer = GridSGD(self.grid, cfg.momentum)
@@ -120,6 +140,8 @@ class FastProbeTrainer(EvaluationRun):
             "num_rows": len(dataset),
             "dim": self.dim,
             "dtype": self.cfg.feature_dtype,
+            "view": self.cfg.train_view if split == "train" else "center",
+            "view_seed": self.cfg.run.seed,
             "img_size": self.cfg.model.img_size,
             "precision": self.cfg.run.precision,
             "classes_sha256": classes,
@@ -138,7 +160,7 @@ class FastProbeTrainer(EvaluationRun):
                 continue
             start = time.perf_counter()
             done = cache.extract(
-                getattr(self.splits, split),
+                OneViewPerImage(getattr(self.splits, split), self.cfg.run.seed),
                 self._extract,
                 self.device,
                 self.cfg.extract_batch_size,
@@ -214,7 +236,13 @@ class FastProbeTrainer(EvaluationRun):
             for i, spec in enumerate(self.specs)
         ]
         best = max(range(len(grid)), key=lambda i: (grid[i]["holdout_top1"], -i))  # ties: first in grid order
-        return {"chosen": grid[best], "grid": grid, "holdout_size": n_hold, "fit_size": len(self.fit_rows)}
+        return {
+            "protocol_head": grid[self.protocol_index],
+            "chosen": grid[best],
+            "grid": grid,
+            "holdout_size": n_hold,
+            "fit_size": len(self.fit_rows),
+        }
 
     @torch.no_grad()
     def evaluate_knn(self, train_x, train_y, val_x, val_y) -> dict:
@@ -256,7 +284,10 @@ class FastProbeTrainer(EvaluationRun):
         finally:
             self.logbook.close()
         results = self.evaluate_grid(train_x, train_y, val_x, val_y)
-        results["top1"], results["top5"] = results["chosen"]["val_top1"], results["chosen"]["val_top5"]
+        # The headline is the estimate of the linear probe; the best-of-grid head is reported beside it.
+        estimate = results["protocol_head"]
+        results["top1"], results["top5"] = estimate["val_top1"], estimate["val_top5"]
+        results["estimates"] = PROTOCOL_ESTIMATED
         if self.cfg.knn:
             results["knn"] = self.evaluate_knn(train_x, train_y, val_x, val_y)
         results["step"] = self.step
@@ -267,7 +298,12 @@ class FastProbeTrainer(EvaluationRun):
         self._bank_time()
         chosen = results["chosen"]
         log.info(
-            "fast probe: chosen %s (held-out top-1 %.2f%%): val top-1 %.2f%%",
+            "fast probe: linear-probe estimate (%s): val top-1 %.2f%%",
+            self.specs[self.protocol_index].name,
+            results["top1"],
+        )
+        log.info(
+            "fast probe: best of the grid on the held-out rows %s (held-out top-1 %.2f%%): val top-1 %.2f%%",
             chosen["name"],
             chosen["holdout_top1"],
             chosen["val_top1"],
@@ -279,7 +315,7 @@ class FastProbeTrainer(EvaluationRun):
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
             "world_size": self.dist.world_size,
-            "train_view": "resize + center crop (features extracted once, no augmentation)",
+            "train_view": TRAIN_VIEWS[self.cfg.train_view],
             "feature": "un-normed [cls] after the class-attention blocks",
         }
         return self._write_metrics(derived, results)

@@ -36,6 +36,12 @@ def grid_specs(lrs: Sequence[float], batchnorm: Sequence[bool]) -> list[HeadSpec
     return [HeadSpec(lr, bn) for bn, lr in itertools.product(sorted(batchnorm, reverse=True), lrs)]
 
 
+def with_protocol_head(specs: Sequence[HeadSpec], lr: float) -> list[HeadSpec]:
+    """`specs` with the linear probe's head (BN, `lr`) among them: added first (BN heads lead) when missing."""
+    protocol = HeadSpec(lr, True)
+    return list(specs) if protocol in specs else [protocol, *specs]
+
+
 class HeadGrid(nn.Module):
     """H heads over D-dim features for C classes. forward: (B, D) -> (H, B, C) logits."""
 
