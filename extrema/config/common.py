@@ -106,6 +106,9 @@ class RunConfig:
     to the job log and ends, and the job requeues (cause `stalled`); None = no stall watchdog."""
     stall_first_step_s: float = 1800.0
     """The allowance of the first step of an attempt (data start-up, compilation) when the watchdog is on."""
+    max_skipped_steps: int = 100
+    """fp16: stop with TrainingDiverged once the loss scaler skipped this many steps in a row (every gradient
+    non-finite: the weights no longer change); checked at logged steps and before saves."""
 
     def __post_init__(self) -> None:
         check_choice("run.precision", self.precision, PRECISIONS)
@@ -122,3 +125,4 @@ class RunConfig:
         if self.stall_timeout_s is not None:
             check_positive("run.stall_timeout_s", self.stall_timeout_s)
         check_positive("run.stall_first_step_s", self.stall_first_step_s)
+        check_positive("run.max_skipped_steps", self.max_skipped_steps)

@@ -94,7 +94,7 @@ class PretrainTrainer(CheckpointedRun):
         self.ckpts = run_checkpoints(self.run_dir, cfg.run)
         self.logbook = Logbook(self.run_dir, self.dist.is_main, self.total_steps, "pretrain")
         self.wall_time = 0.0  # seconds of training, summed over every attempt
-        self.guard = DivergenceGuard(cfg.run.precision)
+        self.guard = DivergenceGuard(cfg.run.precision, cfg.run.max_skipped_steps)
 
     def _wrap(self, model: ExtremaModel) -> torch.nn.Module:
         net: torch.nn.Module = model
@@ -151,7 +151,7 @@ class PretrainTrainer(CheckpointedRun):
             grads = [p.grad for p in self.model.student_parameters() if p.grad is not None]
             grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         self.scaler.step(self.optimizer)
-        self.scaler.update()
+        self.guard.update_scaler(self.scaler)  # scaler.update(), counting the steps fp16 skipped
         self.model.update_teacher(sched["momentum"])
         self.step += 1
         metrics = {"loss": out["loss"].detach(), **sched}
