@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from extrema.checkpoint import CheckpointManager, read_checkpoint
+from extrema.engine.logbook import read_metrics_log
 from tests.image_data import write_image_folder
 from tests.pretrain_runs import tiny_config
 
@@ -151,6 +152,17 @@ def test_a_stop_asked_on_one_rank_stops_both_at_the_same_checked_step_and_resume
     stopped = read_checkpoint(CheckpointManager(root / "stopped" / "checkpoints").latest_path())
     for part in ("model", "optimizer"):
         _assert_equal(stopped[part], whole[part], part)
+
+
+def test_logged_metrics_are_the_mean_over_ranks(two_rank_runs) -> None:
+    root, ranks = two_rank_runs
+    logged = [r for r in read_metrics_log(root / "whole") if "loss" in r]
+    assert [r["step"] for r in logged] == list(range(1, STOP_STEPS + 1))
+    for row, *own in zip(logged, ranks[0]["metrics"], ranks[1]["metrics"], strict=True):
+        for name in ("loss", "teacher_std"):
+            assert own[0][name] != own[1][name]  # the ranks saw different images: a mean differs from rank 0's
+            assert row[name] == pytest.approx((own[0][name] + own[1][name]) / 2, rel=1e-6, abs=1e-7)
+        assert row["lr"] == own[0]["lr"] == own[1]["lr"]
 
 
 def _assert_equal(ours, theirs, where: str) -> None:

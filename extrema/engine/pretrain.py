@@ -21,7 +21,7 @@ from extrema.distributed import all_reduce_sum, dist_info, is_distributed, resol
 from extrema.engine.base import FINAL_METRICS, FitResult, StopRequested, run_length
 from extrema.engine.checkpointed import CheckpointedRun, run_checkpoints
 from extrema.engine.divergence import DivergenceGuard
-from extrema.engine.logbook import Logbook, read_metrics_log
+from extrema.engine.logbook import Logbook, mean_over_ranks, read_metrics_log
 from extrema.engine.pretrain_data import PretrainData
 from extrema.engine.summary import write_json
 from extrema.masking import sample_masks
@@ -182,7 +182,7 @@ class PretrainTrainer(CheckpointedRun):
                 for student_view, teacher_view in window.timed(self.data.iterate(self.step)):
                     metrics = self.train_step(student_view, teacher_view)
                     if self.step % self.cfg.run.log_every_steps == 0 or self.step == self.total_steps:
-                        record = {k: float(v) for k, v in metrics.items()}
+                        record = mean_over_ranks(metrics)  # all ranks' loss and teacher_std, not rank 0's
                         record.update(epoch=round(self.epoch_float, 4), bad_images=self.data.bad_images())
                         record.update(window.read(self.step, self.cfg.optim.batch_size))
                         self.logbook.write(self.step, record)
