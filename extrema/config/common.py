@@ -110,6 +110,10 @@ class RunConfig:
     """With several ranks: about how often, in seconds, they agree on whether one was asked to stop (an all-reduce
     and a host sync; every step when steps are slower; 0 = every step). The stop lands on the first such check
     after the request. One process checks every step (it needs no sync)."""
+    deterministic: bool = False
+    """Deterministic kernels (torch.use_deterministic_algorithms, no cuDNN autotuning, CUBLAS_WORKSPACE_CONFIG):
+    a GPU resume then matches an uninterrupted run bit for bit, at some speed. Without it a GPU resume restores
+    the data, masks, augmentation and RNG streams exactly but not the order in which kernels sum."""
     max_skipped_steps: int = 100
     """fp16: stop with TrainingDiverged once the loss scaler skipped this many steps in a row (every gradient
     non-finite: the weights no longer change); checked at logged steps and before saves."""

@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from extrema.checkpoint import FORMAT, CheckpointError, export_backbone, read_checkpoint
 from extrema.checkpoint import model_state as checkpoint_model_state
 from extrema.config import PretrainConfig
+from extrema.determinism import use_deterministic_kernels
 from extrema.distributed import all_reduce_sum, dist_info, is_distributed, resolve_device
 from extrema.engine.base import FINAL_METRICS, FitResult, StopRequested, run_length
 from extrema.engine.checkpointed import CheckpointedRun, run_checkpoints
@@ -59,6 +60,7 @@ class PretrainTrainer(CheckpointedRun):
     def __init__(self, cfg: PretrainConfig, run_dir: str | Path, data: PretrainData | None = None) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        use_deterministic_kernels(cfg.run.deterministic)  # before any CUDA work, see extrema.determinism
         self.dist = dist_info()
         self.device = resolve_device(cfg.run.device, self.dist.local_rank)
         if cfg.run.threads and self.device.type == "cpu":
