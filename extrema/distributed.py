@@ -87,3 +87,11 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def all_reduce_max(value: torch.Tensor) -> torch.Tensor:
+    """Elementwise max over ranks (identity in one process). Exact, so every rank gets the same bits."""
+    if is_distributed():
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value

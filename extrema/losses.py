@@ -34,11 +34,14 @@ def infonce_loss(pred: torch.Tensor, target: torch.Tensor, temperature: float = 
     """
     batch = target.shape[0]
     num_masks = pred.shape[0] // batch
-    keys, offset = gather_keys(F.normalize(target.detach().float(), dim=-1))  # (world*B, P)
-    q = F.normalize(pred.float(), dim=-1)
-    logits = q @ keys.T / temperature  # (M*B, world*B)
-    labels = (torch.arange(batch, device=pred.device) + offset).repeat(num_masks)
-    return F.cross_entropy(logits, labels) * (2 * temperature)
+    # In fp32 even under autocast, which would run the matmul in fp16/bf16: cosines divided by a small
+    # temperature are logits of magnitude 1/T, where a bf16 rounding of the cosine moves them by ~1e-2.
+    with torch.autocast(pred.device.type, enabled=False):
+        keys, offset = gather_keys(F.normalize(target.detach().float(), dim=-1))  # (world*B, P)
+        q = F.normalize(pred.float(), dim=-1)
+        logits = q @ keys.T / temperature  # (M*B, world*B)
+        labels = (torch.arange(batch, device=pred.device) + offset).repeat(num_masks)
+        return F.cross_entropy(logits, labels) * (2 * temperature)
 
 
 LOSSES = {"byol": byol_loss, "infonce": infonce_loss}

@@ -344,11 +344,13 @@ class _Attempt:
 
     # ---- the training ----------------------------------------------------------------------------------
     def train(self, flag: StopFlag) -> JobOutcome:
+        from extrema.determinism import prepare_deterministic_environment
         from jobs.config_io import load_config
         from jobs.tasks import get_task, resolve_inputs
 
         task = get_task(self.spec.task)
         cfg = resolve_inputs(task, load_config(task.config_cls, self.spec.config_path))
+        prepare_deterministic_environment(cfg.run.deterministic)  # before joining the group initialises CUDA
         _join_process_group(cfg, self.place)
         trainer = task.trainer_cls()(cfg, self.spec.run_dir)
         trainer.resume()

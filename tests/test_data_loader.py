@@ -15,6 +15,7 @@ from extrema.data import (
     ResumableDistributedSampler,
     build_loader,
     make_pretrain_transform,
+    seeded_global_rng,
     to_views,
 )
 from tests.image_data import write_image_folder
@@ -157,6 +158,18 @@ def test_foreign_transforms_are_seeded_and_the_callers_rng_is_untouched(folder, 
     after = _global_rng_states()
     _assert_same(got, expected)
     assert torch.equal(before[0], after[0]) and before[1] == after[1] and np.array_equal(before[2], after[2])
+
+
+def test_seeded_global_rng_seeds_the_cpu_generator_only(monkeypatch):
+    # Any CUDA generator reseeded here would stay reseeded: the block restores the CPU streams only, and with
+    # num_workers=0 it runs in the training process, whose drop-path draws from the CUDA stream.
+    cuda_seeds = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", cuda_seeds.append)
+    monkeypatch.setattr(torch.cuda, "manual_seed", cuda_seeds.append)
+    with seeded_global_rng(1234):
+        drawn = torch.rand(4)
+    assert cuda_seeds == []
+    torch.testing.assert_close(drawn, torch.rand(4, generator=torch.Generator().manual_seed(1234)), rtol=0, atol=0)
 
 
 def test_ranks_share_an_epoch_without_overlap(folder):

@@ -33,7 +33,9 @@ def _worker(rank: int, port: int, data_root: str, cache: str, checkpoint: str, r
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         for task in TASKS:  # one process group for all three: starting processes is the slow part here
-            cfg = CONFIGS[task](Path(data_root), Path(cache), checkpoint)
+            # Ranks agree on stop requests at every step here, so that the stop lands on step 3 exactly; the
+            # once-a-second cadence has its own two-rank test (test_pretrain_ddp).
+            cfg = CONFIGS[task](Path(data_root), Path(cache), checkpoint, run={"stop_check_s": 0.0})
             run_dir = Path(root, task)
             trainer = trainer_for(task, cfg, run_dir)
             # Only rank 1 is asked to stop: both ranks must stop and save at the same step.

@@ -114,6 +114,9 @@ def test_every_cluster_knob_reaches_the_batch_script(tmp_path: Path) -> None:
         (["pretrain.mask.ratio=0.99"], "0.99"),  # keeps 0 of 64 tokens
         (["cluster.backend=pbs"], "cluster.backend='pbs' is not valid"),
         (["pipeline.evaluations=[linprobe,knn]"], "pipeline.evaluations[]='knn' is not valid"),
+        (["pretrain.run.deterministic=maybe"], "Value 'maybe' is not a valid bool"),
+        (["pretrain.run.stop_check_s=-1"], "run.stop_check_s=-1.0 must be >= 0"),
+        (["finetune.run.max_skipped_steps=0"], "run.max_skipped_steps=0 must be > 0"),
     ],
 )
 def test_bad_config_values_fail_with_a_message_that_names_them(overrides: list[str], message: str) -> None:

@@ -350,6 +350,39 @@ def test_infonce_loss_matches_reference_loop() -> None:
     torch.testing.assert_close(infonce_loss(pred, target, 0.2), expected, atol=1e-6, rtol=1e-6)
 
 
+def _infonce_by_formula(pred: torch.Tensor, target: torch.Tensor, temperature: float) -> float:
+    """mean over rows r of -log softmax_j(cos(q_r, k_j) / T)[image of r], times 2T, in Python floats (float64)."""
+    rows, keys = pred.tolist(), target.tolist()
+
+    def cos(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b, strict=True)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+    total = 0.0
+    for r, q in enumerate(rows):
+        logits = [cos(q, k) / temperature for k in keys]
+        total += math.log(sum(math.exp(v) for v in logits)) - logits[r % len(keys)]
+    return 2 * temperature * total / len(rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_infonce_logits_stay_fp32_under_autocast(monkeypatch, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(3)
+    pred, target = torch.randn(3 * 4, 64, generator=gen), torch.randn(4, 64, generator=gen)
+    seen = []
+    cross_entropy = torch.nn.functional.cross_entropy
+
+    def recording_cross_entropy(logits, labels, *args, **kwargs):
+        seen.append(logits.dtype)
+        return cross_entropy(logits, labels, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", recording_cross_entropy)
+    with torch.autocast("cpu", dtype=dtype):
+        loss = infonce_loss(pred, target, 0.2)
+    assert seen == [torch.float32] and loss.dtype == torch.float32
+    # Logits from a bf16 matmul put this loss ~1e-5 off (fp16: ~2e-7, left to the dtype check); fp32: ~1e-8.
+    assert loss.item() == pytest.approx(_infonce_by_formula(pred, target, 0.2), abs=5e-7)
+
+
 # -- InfoNCE across two real processes ------------------------------------------------------------------------
 
 WORLD, BATCH, MASKS, DIM, TEMP = 2, 3, 2, 6, 0.2

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from extrema.checkpoint import CheckpointManager, read_checkpoint
+from extrema.engine.logbook import read_metrics_log
 from tests.image_data import write_image_folder
 from tests.pretrain_runs import tiny_config
 
@@ -80,3 +84,97 @@ def test_two_process_ddp_equals_single_process(tmp_path: Path) -> None:
     key = "base_encoder.blocks.0.attn.qkv.weight"
     assert (single[key] - initial[key]).abs().max() > 1e-3
     assert (single["momentum_encoder.norm.weight"] - initial["momentum_encoder.norm.weight"]).abs().max() > 0
+
+
+# -- stop requests and logged metrics across two real processes --------------------------------------------------
+
+STOP_STEPS = 12
+STEP_S = (0.25, 0.1)  # seconds a step takes on rank 0 and rank 1, as each rank's (fake) clock tells it
+STOP_ASKED_AT = 5  # rank 1 only
+
+
+def _fit_recording(trainer, stop_requested=None) -> tuple[list, list]:
+    """fit(), returning (status, step) and every step's metrics as this rank's train_step returned them."""
+    per_step, train_step = [], trainer.train_step
+
+    def recording(*args, **kwargs):
+        metrics = train_step(*args, **kwargs)
+        per_step.append({k: float(v) for k, v in metrics.items()})
+        return metrics
+
+    trainer.train_step = recording
+    result = trainer.fit(stop_requested)
+    return [result.status, result.step], per_step
+
+
+def stop_worker(rank: int, world: int, port: int, data_root: Path, root: Path) -> None:
+    from extrema.engine.pretrain import PretrainTrainer
+    from extrema.engine.stop_poll import StopPoll
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        cfg = tiny_config(data_root, optim__epochs=8, run__max_steps=STOP_STEPS, run__log_every_steps=1)
+        whole, metrics = _fit_recording(PretrainTrainer(cfg, root / "whole"))
+
+        trainer = PretrainTrainer(cfg, root / "stopped")
+        # Each rank measures its own step time; the cadence must still be one, decided from what both sent.
+        trainer.stop_poll = StopPoll(1.0, clock=lambda: trainer.step * STEP_S[rank])
+        first, _ = _fit_recording(trainer, lambda: rank == 1 and trainer.step >= STOP_ASKED_AT)
+        resumed = PretrainTrainer(cfg, root / "stopped")
+        resumed.resume()
+        final, _ = _fit_recording(resumed)
+        record = {"whole": whole, "metrics": metrics, "first": first, "every": trainer.stop_poll.every, "final": final}
+        (root / f"rank{rank}.json").write_text(json.dumps(record))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory) -> tuple[Path, list[dict]]:
+    """Two gloo ranks: an uninterrupted run, and one stopped at rank 1's request then resumed to the end."""
+    root = tmp_path_factory.mktemp("ddp_stop")
+    write_image_folder(root / "images" / "train", num_classes=2, per_class=8, size=(32, 32))
+    mp.spawn(stop_worker, args=(2, free_port(), root / "images", root), nprocs=2, join=True)
+    return root, [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_a_stop_asked_on_one_rank_stops_both_at_the_same_checked_step_and_resumes_exactly(two_rank_runs) -> None:
+    root, ranks = two_rank_runs
+    # Checks at steps 1 and 2 (no step time yet), 3 (the slowest rank's 0.25 s a step: every 4 steps), then 7:
+    # the first check after rank 1 asked at step 5.
+    assert [r["every"] for r in ranks] == [4, 4]
+    assert [r["first"] for r in ranks] == [["stopped", 7], ["stopped", 7]]
+    assert CheckpointManager(root / "stopped" / "checkpoints").steps() == [7, STOP_STEPS]
+    assert [r["final"] for r in ranks] == [["finished", STOP_STEPS]] * 2
+    whole = read_checkpoint(CheckpointManager(root / "whole" / "checkpoints").latest_path())
+    stopped = read_checkpoint(CheckpointManager(root / "stopped" / "checkpoints").latest_path())
+    for part in ("model", "optimizer"):
+        _assert_equal(stopped[part], whole[part], part)
+
+
+def test_logged_metrics_are_the_mean_over_ranks(two_rank_runs) -> None:
+    root, ranks = two_rank_runs
+    logged = [r for r in read_metrics_log(root / "whole") if "loss" in r]
+    assert [r["step"] for r in logged] == list(range(1, STOP_STEPS + 1))
+    for row, *own in zip(logged, ranks[0]["metrics"], ranks[1]["metrics"], strict=True):
+        for name in ("loss", "teacher_std"):
+            assert own[0][name] != own[1][name]  # the ranks saw different images: a mean differs from rank 0's
+            assert row[name] == pytest.approx((own[0][name] + own[1][name]) / 2, rel=1e-6, abs=1e-7)
+        assert row["lr"] == own[0]["lr"] == own[1]["lr"]
+
+
+def _assert_equal(ours, theirs, where: str) -> None:
+    if isinstance(ours, torch.Tensor):
+        assert torch.equal(ours, theirs), where
+    elif isinstance(ours, dict):
+        assert ours.keys() == theirs.keys(), where
+        for key in ours:
+            _assert_equal(ours[key], theirs[key], f"{where}.{key}")
+    elif isinstance(ours, (list, tuple)):
+        assert len(ours) == len(theirs), where
+        for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+            _assert_equal(a, b, f"{where}[{i}]")
+    else:
+        assert ours == theirs, where

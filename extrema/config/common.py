@@ -106,6 +106,17 @@ class RunConfig:
     to the job log and ends, and the job requeues (cause `stalled`); None = no stall watchdog."""
     stall_first_step_s: float = 1800.0
     """The allowance of the first step of an attempt (data start-up, compilation) when the watchdog is on."""
+    stop_check_s: float = 1.0
+    """With several ranks: about how often, in seconds, they agree on whether one was asked to stop (an all-reduce
+    and a host sync; every step when steps are slower; 0 = every step). The stop lands on the first such check
+    after the request. One process checks every step (it needs no sync)."""
+    deterministic: bool = False
+    """Deterministic kernels (torch.use_deterministic_algorithms, no cuDNN autotuning, CUBLAS_WORKSPACE_CONFIG):
+    a GPU resume then matches an uninterrupted run bit for bit, at some speed. Without it a GPU resume restores
+    the data, masks, augmentation and RNG streams exactly but not the order in which kernels sum."""
+    max_skipped_steps: int = 100
+    """fp16: stop with TrainingDiverged once the loss scaler skipped this many steps in a row (every gradient
+    non-finite: the weights no longer change); checked at logged steps and before saves."""
 
     def __post_init__(self) -> None:
         check_choice("run.precision", self.precision, PRECISIONS)
@@ -122,3 +133,5 @@ class RunConfig:
         if self.stall_timeout_s is not None:
             check_positive("run.stall_timeout_s", self.stall_timeout_s)
         check_positive("run.stall_first_step_s", self.stall_first_step_s)
+        check_positive("run.stop_check_s", self.stop_check_s, allow_zero=True)
+        check_positive("run.max_skipped_steps", self.max_skipped_steps)

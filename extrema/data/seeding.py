@@ -47,10 +47,12 @@ def seeded_global_rng(seed: int) -> Iterator[None]:
     num_workers=0, where the transform runs in the training process).
     """
     py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):  # saves and restores the CPU generator only
         random.seed(seed)
         np.random.seed(seed & 0xFFFFFFFF)  # NumPy's legacy seed takes 32 bits
-        torch.manual_seed(seed)
+        # Not torch.manual_seed: it also reseeds every CUDA generator, which fork_rng(devices=[]) does not put
+        # back, so with num_workers=0 each image would overwrite the training process's CUDA stream (drop-path).
+        torch.random.default_generator.manual_seed(seed)
         try:
             yield
         finally:

@@ -46,8 +46,9 @@ class Trainer(Protocol):
         """Load the newest verified checkpoint of the run folder (else the config's init); True if resumed."""
 
     def fit(self, stop_requested: StopRequested | None = None) -> FitResult:
-        """Train to the end of the schedule. `stop_requested()` is polled at every step boundary; when any
-        rank sees True, all ranks save a checkpoint together and return status "stopped"."""
+        """Train to the end of the schedule. `stop_requested()` is polled at every step boundary; once a rank saw
+        True, all ranks save a checkpoint together at the next boundary where they agree on it (the same one
+        in one process; about a second later across ranks, `run.stop_check_s`) and return status "stopped"."""
 
     def save_checkpoint(self) -> Path:
         """Write a checkpoint of the full state now (atomic); return its path."""

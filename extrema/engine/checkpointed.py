@@ -1,9 +1,9 @@
 """What every trainer does the same way around its checkpoints.
 
 All ranks save together (rank 0 writes, the others wait at a barrier), a run resumes from its newest good
-checkpoint, a stop request is honoured at a step boundary once any rank has seen it, the wall time of every
-attempt adds up, a finished run reports instead of retraining, and each rank's random streams travel in the
-checkpoint so that a resume with the same ranks is exact. A trainer with a `guard` never saves a diverged
+checkpoint, a stop request is honoured at a step boundary once the ranks agree that one has seen it, the wall
+time of every attempt adds up, a finished run reports instead of retraining, and each rank's random streams
+travel in the checkpoint so that a resume with the same ranks is exact. A trainer with a `guard` never saves a diverged
 state (NaN/inf loss or weights): it stops with `TrainingDiverged` and leaves its good checkpoints alone.
 """
 
@@ -21,10 +21,11 @@ import torch.distributed as dist
 
 from extrema.checkpoint import CheckpointManager
 from extrema.config import RunConfig
-from extrema.distributed import DistInfo, all_reduce_sum, any_rank, is_distributed
+from extrema.distributed import DistInfo, all_reduce_sum, is_distributed
 from extrema.engine.base import CHECKPOINT_DIR, FINAL_METRICS, StopRequested
 from extrema.engine.divergence import DivergenceGuard
 from extrema.engine.metrics_record import dataset_info, write_eval_metrics
+from extrema.engine.stop_poll import StopPoll
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,10 @@ class CheckpointedRun:
     wall_time: float
     guard: DivergenceGuard | None = None
     """Set by trainers whose loss can diverge (pretraining, finetune); they also have `model`."""
+    cfg: Any
+    """The task's config; `cfg.run` is its RunConfig."""
+    stop_poll: StopPoll | None = None
+    """How the ranks agree on a stop request; made at the first step boundary from `cfg.run.stop_check_s`."""
 
     def state_dict(self) -> dict:
         raise NotImplementedError
@@ -79,8 +84,11 @@ class CheckpointedRun:
         return True
 
     def _stop(self, stop_requested: StopRequested) -> bool:
-        """At a step boundary: if any rank was asked to stop, all save together; True then."""
-        if not any_rank(stop_requested(), self.device):
+        """At a step boundary: once the ranks agree that one was asked to stop (every step in one process, about
+        once a second across ranks, see `StopPoll`), all save together; True then."""
+        if self.stop_poll is None:
+            self.stop_poll = StopPoll(self.cfg.run.stop_check_s)
+        if not self.stop_poll.should_stop(self.step, stop_requested, self.device):
             return False
         path = self.save_checkpoint()
         log.warning("stop requested: saved %s at step %d", path, self.step)

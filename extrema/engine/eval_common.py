@@ -15,6 +15,7 @@ from torch import nn
 
 from extrema.checkpoint import CheckpointError, backbone_state, is_reference_format, read_checkpoint
 from extrema.config.common import ModelConfig, RunConfig
+from extrema.determinism import use_deterministic_kernels
 from extrema.distributed import DistInfo, dist_info, resolve_device
 from extrema.models.encoder import ExtremaViT, LayerNorm6
 from extrema.models.registry import create_encoder
@@ -161,7 +162,8 @@ def weights_digest(module: nn.Module) -> str:
 
 
 def setup_runtime(run: RunConfig) -> tuple[DistInfo, torch.device]:
-    """This process's rank info and device; CPU thread count when set."""
+    """This process's rank info and device; CPU thread count and deterministic kernels when set."""
+    use_deterministic_kernels(run.deterministic)  # before any CUDA work, see extrema.determinism
     info = dist_info()
     device = resolve_device(run.device, info.local_rank)
     if run.threads and device.type == "cpu":

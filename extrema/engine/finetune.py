@@ -175,7 +175,7 @@ class FinetuneTrainer(EvaluationRun):
         )
         self.step = 0
         self.wall_time = 0.0
-        self.guard = DivergenceGuard(cfg.run.precision)
+        self.guard = DivergenceGuard(cfg.run.precision, cfg.run.max_skipped_steps)
         self.best: dict = {}
         self.ckpts = run_checkpoints(self.run_dir, cfg.run)
         self.logbook = Logbook(self.run_dir, self.dist.is_main, self.total_steps, PROTOCOL)
@@ -204,7 +204,7 @@ class FinetuneTrainer(EvaluationRun):
             self.scaler.unscale_(self.optimizer)
             metrics["grad_norm"] = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
         self.scaler.step(self.optimizer)
-        self.scaler.update()
+        self.guard.update_scaler(self.scaler)  # scaler.update(), counting the steps fp16 skipped
         self.step += 1
         if self.ema is not None:
             self.ema.update(self.model, step=self.step)

@@ -8,6 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from extrema.distributed import all_reduce_mean
 from extrema.engine.base import METRICS_LOG, TENSORBOARD_DIR
 
 log = logging.getLogger(__name__)
@@ -85,6 +88,20 @@ class Logbook:
             return
         kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
+
+
+def mean_over_ranks(metrics: dict) -> dict[str, float]:
+    """A step's metrics as floats, each tensor (a scalar per rank: loss, teacher_std, ...) averaged over the ranks.
+
+    One all-reduce for all of them, so call it on logged steps only, on every rank. Plain numbers (schedule
+    values) are the same on every rank and stay as they are.
+    """
+    names = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    means = {}
+    if names:
+        stacked = torch.stack([metrics[k].detach().float().reshape(()) for k in names])  # (len(names),)
+        means = dict(zip(names, all_reduce_mean(stacked).tolist(), strict=True))
+    return {k: means[k] if k in means else float(v) for k, v in metrics.items()}
 
 
 def read_metrics_log(run_dir: str | Path) -> list[dict]:

@@ -17,11 +17,12 @@ from torch.nn.parallel import DistributedDataParallel
 from extrema.checkpoint import FORMAT, CheckpointError, export_backbone, read_checkpoint
 from extrema.checkpoint import model_state as checkpoint_model_state
 from extrema.config import PretrainConfig
+from extrema.determinism import use_deterministic_kernels
 from extrema.distributed import all_reduce_sum, dist_info, is_distributed, resolve_device
 from extrema.engine.base import FINAL_METRICS, FitResult, StopRequested, run_length
 from extrema.engine.checkpointed import CheckpointedRun, run_checkpoints
 from extrema.engine.divergence import DivergenceGuard
-from extrema.engine.logbook import Logbook, read_metrics_log
+from extrema.engine.logbook import Logbook, mean_over_ranks, read_metrics_log
 from extrema.engine.pretrain_data import PretrainData
 from extrema.engine.summary import write_json
 from extrema.masking import sample_masks
@@ -59,6 +60,7 @@ class PretrainTrainer(CheckpointedRun):
     def __init__(self, cfg: PretrainConfig, run_dir: str | Path, data: PretrainData | None = None) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        use_deterministic_kernels(cfg.run.deterministic)  # before any CUDA work, see extrema.determinism
         self.dist = dist_info()
         self.device = resolve_device(cfg.run.device, self.dist.local_rank)
         if cfg.run.threads and self.device.type == "cpu":
@@ -94,7 +96,7 @@ class PretrainTrainer(CheckpointedRun):
         self.ckpts = run_checkpoints(self.run_dir, cfg.run)
         self.logbook = Logbook(self.run_dir, self.dist.is_main, self.total_steps, "pretrain")
         self.wall_time = 0.0  # seconds of training, summed over every attempt
-        self.guard = DivergenceGuard(cfg.run.precision)
+        self.guard = DivergenceGuard(cfg.run.precision, cfg.run.max_skipped_steps)
 
     def _wrap(self, model: ExtremaModel) -> torch.nn.Module:
         net: torch.nn.Module = model
@@ -151,7 +153,7 @@ class PretrainTrainer(CheckpointedRun):
             grads = [p.grad for p in self.model.student_parameters() if p.grad is not None]
             grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         self.scaler.step(self.optimizer)
-        self.scaler.update()
+        self.guard.update_scaler(self.scaler)  # scaler.update(), counting the steps fp16 skipped
         self.model.update_teacher(sched["momentum"])
         self.step += 1
         metrics = {"loss": out["loss"].detach(), **sched}
@@ -182,7 +184,7 @@ class PretrainTrainer(CheckpointedRun):
                 for student_view, teacher_view in window.timed(self.data.iterate(self.step)):
                     metrics = self.train_step(student_view, teacher_view)
                     if self.step % self.cfg.run.log_every_steps == 0 or self.step == self.total_steps:
-                        record = {k: float(v) for k, v in metrics.items()}
+                        record = mean_over_ranks(metrics)  # all ranks' loss and teacher_std, not rank 0's
                         record.update(epoch=round(self.epoch_float, 4), bad_images=self.data.bad_images())
                         record.update(window.read(self.step, self.cfg.optim.batch_size))
                         self.logbook.write(self.step, record)
