@@ -7,6 +7,7 @@ datasheet peak (MFU, see `gpu_peak_tflops`).
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 
@@ -14,25 +15,46 @@ import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# Dense (no sparsity) datasheet peaks in TFLOP/s: {"bf16": tensor cores, "fp32": plain FP32 (no TF32)}.
-# Matched by substring of torch.cuda.get_device_name(); first match wins, so specific names come first.
-GPU_PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
-    ("H200", {"bf16": 989.0, "fp32": 67.0}),
-    ("H100 PCIe", {"bf16": 756.0, "fp32": 51.0}),
-    ("H100", {"bf16": 989.0, "fp32": 67.0}),  # SXM
-    ("A100", {"bf16": 312.0, "fp32": 19.5}),
-    ("L40S", {"bf16": 362.0, "fp32": 91.6}),
-    ("L4", {"bf16": 121.0, "fp32": 30.3}),
-    ("V100", {"bf16": 0.0, "fp32": 15.7}),  # no bf16 tensor cores (fp16: 125)
-]
+# Dense (no sparsity) datasheet peaks in TFLOP/s per GPU: "bf16" / "fp16" on tensor cores, "fp32" plain FP32
+# (no TF32). Keyed by the normalised name torch.cuda.get_device_name() gives (`normalise_gpu_name`), matched
+# exactly: a substring would give an L40 the L4's peaks and an H100 NVL the SXM part's.
+_SXM_HOPPER = {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}
+_NVL_HOPPER = {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0}
+_A100 = {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}
+_V100_SXM2 = {"fp16": 125.0, "fp32": 15.7}  # no bf16 tensor cores
+_V100_PCIE = {"fp16": 112.0, "fp32": 14.0}
+GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "h200": _SXM_HOPPER,
+    "h200 nvl": _NVL_HOPPER,
+    "h100 80gb hbm3": _SXM_HOPPER,
+    "h100 sxm5 80gb": _SXM_HOPPER,
+    "h100 pcie": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0},
+    "h100 nvl": _NVL_HOPPER,
+    "a100 sxm4 40gb": _A100,
+    "a100 sxm4 80gb": _A100,
+    "a100 pcie 40gb": _A100,
+    "a100 80gb pcie": _A100,
+    "l40s": {"bf16": 362.0, "fp16": 362.0, "fp32": 91.6},
+    "l40": {"bf16": 181.0, "fp16": 181.0, "fp32": 90.5},
+    "l4": {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3},
+    "v100 sxm2 16gb": _V100_SXM2,
+    "v100 sxm2 32gb": _V100_SXM2,
+    "v100 pcie 16gb": _V100_PCIE,
+    "v100 pcie 32gb": _V100_PCIE,
+}
+
+
+def normalise_gpu_name(device_name: str) -> str:
+    """ "NVIDIA A100-SXM4-80GB" -> "a100 sxm4 80gb": lower case, no vendor prefix, words split by single spaces."""
+    words = re.sub(r"[^a-z0-9]+", " ", device_name.lower()).split()
+    while words and words[0] in ("nvidia", "tesla"):
+        words = words[1:]
+    return " ".join(words)
 
 
 def gpu_peak_tflops(device_name: str, precision: str) -> float | None:
-    """Datasheet dense peak of a GPU for fp32 or bf16 (None when the GPU or the precision is not listed)."""
-    for key, peaks in GPU_PEAK_TFLOPS:
-        if key in device_name:
-            return peaks.get(precision) or None
-    return None
+    """Datasheet dense peak of a GPU for fp32, bf16 or fp16 (None when the GPU or the precision is not listed)."""
+    return GPU_PEAK_TFLOPS.get(normalise_gpu_name(device_name), {}).get(precision)
 
 
 def _sync(device: torch.device) -> None:

@@ -2,7 +2,7 @@
 
 Each configuration runs in a fresh process (`run_case`), so its peak memory is its own and thread
 settings do not leak. Inside, in this order: build the trainer; count the FLOPs of one forward+backward
-with `torch.utils.flop_counter` (on a 2-image slice: every FLOP of the step is per image); reset the
+with `torch.utils.flop_counter` (at the timed batch, so a compiled model keeps one graph); reset the
 peak-RSS mark and run the warm-up steps (peak memory); then time the steps (masks drawn by the trainer,
 AdamW, EMA update), each followed by one large square matmul with the same threads, so that the step's
 fraction of the matmul rate is a ratio of samples taken side by side under the same machine load; on
@@ -150,7 +150,9 @@ def measure_step(case: StepCase) -> dict:
         student = torch.randn(shape, generator=gen).to(device)
         teacher = torch.randn(shape, generator=gen).to(device)
         record = {"bench": "pretrain_step", "case": case.name, **dataclasses.asdict(case)}
-        record.update(count_flops_per_image(trainer, student, teacher))
+        # At the timed batch: a compiled model would otherwise compile for the counted batch first and time a
+        # second, recompiled graph (a dynamic-shape one) instead of the one a run of this batch uses.
+        record.update(count_flops_per_image(trainer, student, teacher, images=case.batch))
 
         # Peak memory over the warm-up steps (the first one also allocates the optimizer state).
         if device.type == "cuda":
@@ -162,7 +164,7 @@ def measure_step(case: StepCase) -> dict:
 
         # Each timed step is followed by one matmul per precision: both kinds of sample then span the same
         # stretch of time, so a best-against-best ratio cannot pair a quiet step with a busy matmul.
-        precisions = ["fp32"] + (["bf16"] if case.precision == "bf16" else [])
+        precisions = ["fp32"] + ([case.precision] if case.precision in ("bf16", "fp16") else [])
         matmuls = {p: MatmulRate(p, case.matmul_size, device) for p in precisions}
         steps, samples = [], {p: [] for p in precisions}
         for _ in range(case.steps):
@@ -259,7 +261,7 @@ def _step_rates(case: StepCase, device: torch.device, steps: list, samples: dict
             out[f"fraction_of_matmul_{p}_cpu_time"] = out["gflops_per_cpu_s"] / statistics.median([c for _, c in pairs])
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        peak = gpu_peak_tflops(name, "bf16" if case.precision in ("bf16", "fp16") else "fp32")
+        peak = gpu_peak_tflops(name, case.precision)  # fp16 against the fp16 rate: not every GPU has bf16
         out["gpu_name"] = name
         out["datasheet_peak_tflops"] = peak
         out["mfu"] = achieved / (peak * 1e3) if peak else None

@@ -41,7 +41,11 @@ def default_backend(device: torch.device) -> str:
 
 
 def init_distributed(device: torch.device, timeout_s: int = 1800) -> DistInfo:
-    """Join the process group described by MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE, if it has > 1 rank."""
+    """Join the process group described by MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE, if it has > 1 rank.
+
+    On CUDA the group is bound to this rank's GPU (`device_id`): NCCL builds its communicators at once instead
+    of at the first collective, and barriers know which device to use instead of guessing (and warning).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(
@@ -49,18 +53,24 @@ def init_distributed(device: torch.device, timeout_s: int = 1800) -> DistInfo:
             rank=int(os.environ["RANK"]),
             world_size=world,
             timeout=timedelta(seconds=timeout_s),
+            device_id=device if device.type == "cuda" else None,
         )
     return dist_info()
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """'auto' -> this rank's GPU when CUDA is present, else the CPU."""
+    """'auto' -> this rank's GPU when CUDA is present, else the CPU.
+
+    This rank's GPU is `local_rank % <GPUs it sees>`: every GPU of the node when each task sees them all, the
+    single visible one when the site gives each task its own (`--gpus-per-task=1`, `--gpu-bind`).
+    """
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise RuntimeError("run.device=cuda but no CUDA device is visible; use run.device=cpu or auto")
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
+    index = local_rank % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:

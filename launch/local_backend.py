@@ -79,19 +79,35 @@ def _run_one(exp: Experiment, spec: JobSpec, cluster: ClusterConfig, ranks: int)
     return _run_submitit(exp, spec, cluster, ranks)
 
 
-def _run_submitit(exp: Experiment, spec: JobSpec, cluster: ClusterConfig, ranks: int) -> JobOutcome:
+def local_executor(folder: Path, cluster: ClusterConfig, ranks: int) -> submitit.LocalExecutor:
+    """submitit's LocalExecutor for one job of `ranks` processes on this machine's first gpus_per_node GPUs."""
     import submitit
 
-    executor = submitit.LocalExecutor(folder=exp.dir / "logs" / "submitit")
+    executor = submitit.LocalExecutor(folder=folder)
     # The controller ignores Ctrl-C (trap '' INT) so that it does not kill the ranks while they save;
     # the ranks install their own SIGINT handler, so Ctrl-C still reaches them.
     setup = ["trap '' INT", *cluster.setup, *(f"export {k}={shlex.quote(str(v))}" for k, v in cluster.env.items())]
+    gpus = cluster.gpus_per_node or 0
     executor.update_parameters(
         tasks_per_node=ranks,
+        # submitit sets CUDA_VISIBLE_DEVICES to 0..gpus-1 ("" for 0: a CPU job sees no GPU).
+        gpus_per_node=gpus,
         timeout_min=cluster.time_limit_min,
         signal_delay_s=cluster.signal_delay_s,
-        setup=setup,
+        setup=[*setup, *_keep_chosen_gpus(gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))],
     )
+    return executor
+
+
+def _keep_chosen_gpus(gpus: int, visible: str | None) -> list[str]:
+    # submitit numbers the GPUs from 0 and would drop the launcher's own CUDA_VISIBLE_DEVICES (which may hold
+    # UUIDs, which its visible_gpus cannot): the job gets the first `gpus` of those instead.
+    chosen = [d.strip() for d in (visible or "").split(",") if d.strip()][:gpus]
+    return [f"export CUDA_VISIBLE_DEVICES={shlex.quote(','.join(chosen))}"] if gpus and chosen else []
+
+
+def _run_submitit(exp: Experiment, spec: JobSpec, cluster: ClusterConfig, ranks: int) -> JobOutcome:
+    executor = local_executor(exp.dir / "logs" / "submitit", cluster, ranks)
     job = executor.submit(CheckpointableJob(spec))
     exp.manifest.update_job(spec.name, job_id=f"local-{job.job_id}", log=str(job.paths.stdout))
     # SIGTERM (a `kill` of the process group, a login node's session ending) is a Ctrl-C here: the ranks got

@@ -18,6 +18,7 @@ from launch.script_safety import check_env, check_no_control, check_one_token, c
 BACKENDS = ("local", "slurm")
 LOCAL_EXECUTORS = ("submitit", "inprocess")
 EVALUATIONS = ("linprobe", "fastprobe", "finetune")
+TASKS = ("pretrain", *EVALUATIONS)
 
 
 @dataclass
@@ -46,10 +47,11 @@ class ClusterConfig:
     """SLURM quality of service."""
     nodes: int = 1
     """Nodes of the pretraining job."""
-    tasks_per_node: int = 1
-    """Processes (ranks) per node; one per GPU on GPU nodes."""
-    gpus_per_node: int = 0
-    """GPUs per node (`--gpus-per-node`); 0 = CPU job."""
+    tasks_per_node: int | None = 1
+    """Processes (ranks) per node, at most one per GPU on GPU nodes; None = one per GPU (1 on a CPU job)."""
+    gpus_per_node: int | None = 0
+    """GPUs per node (`--gpus-per-node`); 0 = CPU job. None (local backend only, its default) = every GPU this
+    machine shows (CUDA_VISIBLE_DEVICES applies) when a task may train on one (run.device auto or cuda), else 0."""
     cpus_per_task: int = 8
     """CPU cores per rank (data-loading workers + the main process)."""
     mem: str | None = None
@@ -86,8 +88,17 @@ class ClusterConfig:
         check_choice("cluster.backend", self.backend, BACKENDS)
         check_choice("cluster.executor", self.executor, LOCAL_EXECUTORS)
         for name in ("nodes", "tasks_per_node", "cpus_per_task", "time_limit_min", "eval_nodes"):
-            check_positive(f"cluster.{name}", getattr(self, name))
-        for name in ("gpus_per_node", "signal_delay_s", "max_requeues", "max_timeouts", "max_crashes", "step_pause_s"):
+            if getattr(self, name) is not None:
+                check_positive(f"cluster.{name}", getattr(self, name))
+        if self.gpus_per_node is None and self.backend != "local":
+            raise ValueError(
+                "cluster.gpus_per_node=null (every GPU this machine shows) only works with cluster.backend=local; "
+                "give the GPUs per node of the partition, e.g. cluster.gpus_per_node=8 (0 for a CPU job)"
+            )
+        if self.gpus_per_node is not None:
+            check_positive("cluster.gpus_per_node", self.gpus_per_node, allow_zero=True)
+            self._resolve_tasks()
+        for name in ("signal_delay_s", "max_requeues", "max_timeouts", "max_crashes", "step_pause_s"):
             check_positive(f"cluster.{name}", getattr(self, name), allow_zero=True)
         check_positive("cluster.eval_time_limit_min", self.eval_time_limit_min)
         # Values that reach the batch script or an #SBATCH line (launch.script_safety).
@@ -104,6 +115,16 @@ class ClusterConfig:
                 f"cluster.signal_delay_s={self.signal_delay_s} is not shorter than cluster.time_limit_min="
                 f"{self.time_limit_min} minutes: the job would be warned before it starts"
             )
+
+    def resolve_gpus(self, wants_gpu: bool) -> None:
+        """Settle gpus_per_node=None (local): the GPUs this machine shows if a task may use one, else 0."""
+        if self.gpus_per_node is None:
+            self.gpus_per_node = visible_gpu_count() if wants_gpu else 0
+            self._resolve_tasks()
+
+    def _resolve_tasks(self) -> None:
+        if self.tasks_per_node is None:
+            self.tasks_per_node = max(1, self.gpus_per_node or 0)  # one rank per GPU
 
     @property
     def ranks(self) -> int:
@@ -168,6 +189,8 @@ class LaunchConfig:
     def __post_init__(self) -> None:
         check_path_component("name", self.name)  # the experiment's folder and its jobs' names
         check_no_control("root", self.root)
+        # Settled here, where the tasks' devices are known: a CPU preset on a GPU workstation stays one CPU rank.
+        self.cluster.resolve_gpus(any(self.task_config(t).run.device != "cpu" for t in TASKS))
         every = self.pipeline.eval_every_steps
         if every is None:
             return
@@ -192,6 +215,13 @@ class LaunchConfig:
     def task_config(self, task: str):
         """The typed config of one task (pretrain, linprobe, fastprobe, finetune)."""
         return getattr(self, task)
+
+
+def visible_gpu_count() -> int:
+    """CUDA devices this process can see (0 without CUDA); does not initialise CUDA in the launcher."""
+    import torch
+
+    return torch.cuda.device_count()
 
 
 SCHEMA_NAME = "launch_schema"

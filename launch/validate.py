@@ -157,7 +157,8 @@ def check_checkpoints(nodes: list[JobNode], pretrain_run_dir: Path) -> None:
 
 
 def check_local_device(cfg: LaunchConfig, nodes: list[JobNode]) -> None:
-    """A local job asked to train on CUDA needs CUDA on this machine (a SLURM job's node may have it)."""
+    """A local job asked to train on CUDA needs CUDA on this machine (a SLURM job's node may have it), and the
+    GPUs it asks for must be there."""
     if cfg.cluster.backend != "local":
         return
     import torch
@@ -168,11 +169,30 @@ def check_local_device(cfg: LaunchConfig, nodes: list[JobNode]) -> None:
             f"{', '.join(dict.fromkeys(wanting))}, but this machine has no CUDA device for a local run: "
             "use run.device=auto (CUDA when present) or cpu, or cluster=slurm"
         )
+    shown = torch.cuda.device_count()
+    if (cfg.cluster.gpus_per_node or 0) > shown:
+        raise ValidationError(
+            f"cluster.gpus_per_node={cfg.cluster.gpus_per_node}, but this machine shows {shown} GPU(s) "
+            f"(CUDA_VISIBLE_DEVICES applies): use cluster.gpus_per_node=null (every GPU shown) or at most {shown}"
+        )
+
+
+def check_gpus_per_task(cfg: LaunchConfig, nodes: list[JobNode]) -> None:
+    """A GPU job runs at most one rank per GPU: two ranks on one device fail in NCCL (or crawl)."""
+    c = cfg.cluster
+    gpu_jobs = [node.name for node in nodes if node.config.run.device != "cpu"]
+    if gpu_jobs and c.gpus_per_node and c.tasks_per_node > c.gpus_per_node:
+        raise ValidationError(
+            f"cluster.tasks_per_node={c.tasks_per_node} is more than cluster.gpus_per_node={c.gpus_per_node}: "
+            f"{', '.join(gpu_jobs)} would put two ranks on one GPU; use cluster.tasks_per_node={c.gpus_per_node} "
+            "(one rank per GPU), or cluster.gpus_per_node=0 and run.device=cpu for a CPU job"
+        )
 
 
 def validate(cfg: LaunchConfig, nodes: list[JobNode], pretrain_run_dir: Path) -> None:
     """Every pre-queue check that needs no SLURM (SLURM's own check is `launch.sbatch.test_only`)."""
     check_batch_divisible(cfg, nodes)
+    check_gpus_per_task(cfg, nodes)
     check_local_device(cfg, nodes)
     check_data(nodes)
     check_checkpoints(nodes, pretrain_run_dir)

@@ -42,6 +42,12 @@ def slurm_overrides(nodes: int = 1, *extra: str) -> list[str]:
     ]
 
 
+def rank_gpu_view() -> tuple[str | None, str]:
+    """What a local job's rank was given: (CUDA_VISIBLE_DEVICES, its local rank). Lives here, not in a test
+    module, so that unpickling it in a rank does not import torch."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ["SUBMITIT_LOCAL_LOCALID"]
+
+
 def run_launch(args: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """`python -m launch ARGS` in a fresh process (as a user types it); output captured."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200", "OMP_NUM_THREADS": "1", **(env or {})}

@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
@@ -201,3 +202,27 @@ def test_cuda_equals_cpu():
     on_gpu = color_views(crops.cuda(), params.to("cuda"))
     for a, b in zip(on_cpu, on_gpu, strict=True):
         torch.testing.assert_close(b.cpu(), a, atol=1e-4, rtol=0)
+
+
+class _RecordOps(TorchDispatchMode):
+    """Names every aten op that runs inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_device_views_make_no_data_dependent_shape():
+    # nonzero, masked_select, ... give a shape that only the device knows, and item()/numel-of-it
+    # (_local_scalar_dense) waits for it: each stops the host until the GPU caught up.
+    crops = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    params = sample_color_params_batch(8, 2, torch.Generator().manual_seed(1))
+    params = params._replace(apply_jitter=torch.ones(8, 2, dtype=torch.bool))  # every view has a hue op
+    with _RecordOps() as recorded:
+        color_views(crops, params)
+    waits = {"nonzero", "masked_select", "unique", "_local_scalar_dense", "index_select", "index_copy"}
+    assert recorded.ops and not recorded.ops & waits, sorted(recorded.ops & waits)

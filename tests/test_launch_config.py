@@ -249,3 +249,20 @@ def test_a_local_run_on_cuda_without_cuda_is_refused_before_it_starts(data: Path
         proc.stdout.split()
     )
     assert not (tmp_path / "tiny").exists()
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p.endswith("_color")])
+def test_colour_presets_colour_on_the_gpu_and_on_the_cpu_of_a_cpu_run(preset: str, data: Path, tmp_path: Path) -> None:
+    from extrema.data.transforms import CropForDeviceColor, TwoColorViews
+    from extrema.distributed import DistInfo
+    from extrema.engine.pretrain_data import PretrainData
+
+    cfg = load_launch_config([f"experiment={preset}"]).pretrain
+    assert cfg.resolve_color_on_device("cuda") and not cfg.resolve_color_on_device("cpu")
+    assert cfg.data.prefetch_factor == 2
+    cfg.data.root, cfg.data.num_workers, cfg.optim.batch_size = str(data), 0, 4
+    on_cpu = PretrainData(cfg, DistInfo(), 4, torch.device("cpu"), tmp_path)
+    assert isinstance(on_cpu.dataset.transform, TwoColorViews)
+    cfg.color_on_device = True  # what None gives on CUDA, forced here: the workers ship uint8 crops
+    forced = PretrainData(cfg, DistInfo(), 4, torch.device("cpu"), tmp_path)
+    assert isinstance(forced.dataset.transform, CropForDeviceColor)

@@ -178,7 +178,8 @@ def color_augment(images: torch.Tensor, params: ColorAugmentParams) -> torch.Ten
 
     No loop over samples: at each of the 4 op positions, brightness, contrast and saturation are one blend
     x * f + ref * (1 - f) (ref = 0, the image's mean luma, or its luma; f = 1 leaves a sample exactly
-    unchanged), and the hue shift runs on the samples whose op at that position is hue.
+    unchanged), and the hue shift is selected (torch.where) for the samples whose op at that position is hue.
+    No shape depends on the parameters, so nothing here waits for the device.
     """
     x = images
     batch = x.shape[0]
@@ -194,9 +195,10 @@ def color_augment(images: torch.Tensor, params: ColorAugmentParams) -> torch.Ten
         f = torch.where(blends, factor, torch.ones_like(factor)).view(bcast)
         # One fused pass over x: ref * (1 - f) + x * f (1 - f is exact for f in [0.5, 2], and f = 1 gives x).
         x = torch.addcmul(ref * (1.0 - f), x, f).clamp_(0.0, 1.0)
-        hue_rows = torch.nonzero(params.apply_jitter & (op == HUE)).squeeze(1)
-        if hue_rows.numel():
-            x = x.index_copy(0, hue_rows, shift_hue(x.index_select(0, hue_rows), params.factors[hue_rows, HUE]))
+        # The hue runs on every sample and is kept where it is due: picking those rows (nonzero) would give a
+        # data-dependent shape and stop the host until the GPU caught up, 4 times a view.
+        hue_due = (params.apply_jitter & (op == HUE)).view(bcast)
+        x = torch.where(hue_due, shift_hue(x, params.factors[:, HUE]), x)
     gray = rgb_to_luma(x).expand_as(x)
     return torch.where(params.grayscale.view(bcast), gray, x)
 

@@ -54,7 +54,9 @@ def train_loader(
 ) -> ResumableLoader:
     """Shuffled, drop-last, per-sample-seeded loader whose position is part of the checkpoint."""
     sampler = ResumableDistributedSampler(len(dataset), info.world_size, info.rank, shuffle=True, seed=seed)
-    return build_loader(dataset, batch_per_rank, sampler, data.num_workers, seed, drop_last=True)
+    return build_loader(
+        dataset, batch_per_rank, sampler, data.num_workers, seed, drop_last=True, prefetch_factor=data.prefetch_factor
+    )
 
 
 def val_batches(

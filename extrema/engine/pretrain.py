@@ -29,7 +29,7 @@ from extrema.masking import sample_masks
 from extrema.models.siamese import ExtremaModel, create_model
 from extrema.optim import build_adamw, set_lr_and_wd
 from extrema.precision import autocast, make_scaler
-from extrema.rng import capture_rng_state, restore_rng_state, seed_everything
+from extrema.rng import capture_rng_state, restore_generator, restore_rng_state, seed_everything
 from extrema.schedules import cosine, ema_momentum, scaled_lr, warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -231,7 +231,12 @@ class PretrainTrainer(CheckpointedRun):
     # ---- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything an exact resume needs (call on every rank: RNG states are gathered to all)."""
-        rng = {"global": capture_rng_state(), "mask": self.mask_generator.get_state(), "data": self.data.state_dict()}
+        rng = {
+            "global": capture_rng_state(),
+            "mask": self.mask_generator.get_state(),
+            "mask_device": self.mask_generator.device.type,  # a CPU state cannot drive a CUDA generator
+            "data": self.data.state_dict(),
+        }
         per_rank = self._gather_rng(rng)
         return {
             "format": FORMAT,
@@ -261,7 +266,9 @@ class PretrainTrainer(CheckpointedRun):
 
     def _restore_streams(self, rng: dict) -> None:
         restore_rng_state(rng["global"])
-        self.mask_generator.set_state(rng["mask"])
+        # Saved on another device type: a fresh stream for this rank and step, so the masks still differ by rank.
+        reseed = (self.cfg.run.seed * 7919 + self.dist.rank) * 1_000_003 + self.step
+        restore_generator(self.mask_generator, rng["mask"], rng.get("mask_device"), reseed)
         self.data.load_state_dict(rng["data"])
 
     def _load_weights(self, state: dict) -> None:

@@ -28,9 +28,10 @@ class PretrainData:
     def __init__(
         self, cfg: PretrainConfig, dist: DistInfo, batch_per_rank: int, device: torch.device, run_dir: Path
     ) -> None:
-        if cfg.color_on_device and device.type == "cpu":
+        on_device = cfg.resolve_color_on_device(device.type)
+        if on_device and device.type == "cpu":
             log.warning("color_on_device on a CPU is slower than the per-image CPU path; it pays on a GPU")
-        transform = make_pretrain_transform(cfg.augmentation, cfg.model.img_size, cfg.color_on_device)
+        transform = make_pretrain_transform(cfg.augmentation, cfg.model.img_size, on_device)
         # Rank 0 scans the folder (minutes for 14M files on network storage) and writes the file-list
         # cache; the other ranks wait, then read the cache instead of all scanning at once.
         if is_distributed() and not dist.is_main:
@@ -41,7 +42,14 @@ class PretrainData:
         sampler = ResumableDistributedSampler(
             len(self.dataset), dist.world_size, dist.rank, shuffle=True, seed=cfg.run.seed
         )
-        self.loader = build_loader(self.dataset, batch_per_rank, sampler, cfg.data.num_workers, cfg.run.seed)
+        self.loader = build_loader(
+            self.dataset,
+            batch_per_rank,
+            sampler,
+            cfg.data.num_workers,
+            cfg.run.seed,
+            prefetch_factor=cfg.data.prefetch_factor,
+        )
         self.device = device
         self.steps_per_epoch = self.loader.steps_per_epoch
         log.info("pretraining on %d images, %d steps per epoch", len(self.dataset), self.steps_per_epoch)
