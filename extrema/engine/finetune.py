@@ -46,7 +46,7 @@ from extrema.engine.eval_common import (
     topk_correct,
 )
 from extrema.engine.eval_data import open_splits, per_rank_batch, sum_over_ranks, train_loader, val_batches
-from extrema.engine.logbook import Logbook
+from extrema.engine.logbook import Logbook, mean_over_ranks
 from extrema.optim import fused_adamw
 from extrema.precision import autocast, make_scaler
 from extrema.rng import capture_rng_state, restore_rng_state, seed_everything
@@ -251,7 +251,7 @@ class FinetuneTrainer(EvaluationRun):
                 for batch in self.loader:
                     metrics = self.train_step(batch["image"], batch["label"])
                     if self.step % self.cfg.run.log_every_steps == 0 or self.step == self.total_steps:
-                        record = {k: float(v) for k, v in metrics.items()}
+                        record = mean_over_ranks(metrics)  # every rank's loss, not rank 0's
                         self.logbook.write(self.step, {**record, "epoch": self.step / self.steps_per_epoch})
                         self.guard.check(self.step, self.device)  # the loss was synced for the log anyway
                     else:

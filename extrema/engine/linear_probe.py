@@ -33,7 +33,7 @@ from extrema.engine.eval_common import (
     weights_digest,
 )
 from extrema.engine.eval_data import open_splits, per_rank_batch, sum_over_ranks, train_loader, val_batches
-from extrema.engine.logbook import Logbook
+from extrema.engine.logbook import Logbook, mean_over_ranks
 from extrema.models.probe_head import PROBE_BN_EPS, build_probe_head
 from extrema.precision import autocast
 from extrema.rng import capture_rng_state, restore_rng_state, seed_everything
@@ -151,7 +151,7 @@ class LinearProbeTrainer(EvaluationRun):
                 for batch in self.loader:
                     metrics = self.train_step(batch["image"], batch["label"])
                     if self.step % self.cfg.run.log_every_steps == 0 or self.step == self.total_steps:
-                        record = {k: float(v) for k, v in metrics.items()}
+                        record = mean_over_ranks(metrics)  # every rank's loss, not rank 0's
                         self.logbook.write(self.step, {**record, "epoch": self.step / self.steps_per_epoch})
                     else:
                         self.logbook.advance(self.step)
