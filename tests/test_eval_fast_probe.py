@@ -196,3 +196,20 @@ def test_train_features_come_from_one_seeded_protocol_view_per_image(data, tmp_p
     other_seed = train_features("seed1", run={"seed": 1})
     for different in (center, other_seed):
         assert (first - different).abs().amax(dim=1).min() > 0  # every image's view differs
+
+
+def test_knn_bank_holds_the_centre_crops_while_the_heads_train_on_protocol_views(data, tmp_path):
+    checkpoint = tmp_path / "pretrain.pt"
+    write_pretrain_checkpoint(checkpoint)
+    protocol = FastProbeTrainer(fast_probe_config(*data, str(checkpoint)), tmp_path / "protocol")
+    assert protocol.knn_bank == "train_center"
+    assert protocol.extract_features(stop_requested=lambda: False)
+    center = FastProbeTrainer(fast_probe_config(*data, str(checkpoint), train_view="center"), tmp_path / "center")
+    assert center.knn_bank == "train" and set(center.caches) == {"train", "val"}
+    assert center.extract_features(stop_requested=lambda: False)
+    bank, bank_labels = protocol.caches["train_center"].load()
+    centre_crops, labels = center.caches["train"].load()
+    assert torch.equal(bank, centre_crops) and torch.equal(bank_labels, labels)
+    assert not torch.equal(protocol.caches["train"].load()[0], bank)
+    no_knn = FastProbeTrainer(fast_probe_config(*data, str(checkpoint), knn=False), tmp_path / "no_knn")
+    assert set(no_knn.caches) == {"train", "val"}  # no bank to extract when kNN is off

@@ -26,7 +26,7 @@ import torch
 
 from extrema.checkpoint import FORMAT, CheckpointError
 from extrema.config.evaluation import FastProbeConfig
-from extrema.data import OneViewPerImage, make_eval_transform
+from extrema.data import ImageFolderDataset, OneViewPerImage, make_eval_transform
 from extrema.engine.base import FitResult, StopRequested, run_length
 from extrema.engine.checkpointed import EvaluationRun, run_checkpoints
 from extrema.engine.eval_common import (
@@ -37,7 +37,7 @@ from extrema.engine.eval_common import (
     topk_correct,
     weights_digest,
 )
-from extrema.engine.eval_data import open_splits, sum_over_ranks
+from extrema.engine.eval_data import EvalSplits, open_splits, sum_over_ranks
 from extrema.engine.feature_cache import FeatureCache
 from extrema.engine.head_grid import (
     GridSGD,
@@ -100,15 +100,23 @@ class FastProbeTrainer(EvaluationRun):
         self.features = FrozenFeatures(encoder).to(self.device)
         self.backbone_digest = weights_digest(self.features)
         # One feature per image, reused every epoch: val through its deterministic view, train through one view
-        # drawn as the linear probe's (or val's view with train_view=center).
+        # drawn as the linear probe's (or val's view with train_view=center). kNN's bank is the train set through
+        # val's view, as in DINO's protocol: a third cache when the heads train on protocol views.
         size = cfg.model.img_size
-        train_split = "train" if cfg.train_view == "protocol" else "val"
-        self.splits = open_splits(cfg.data, make_eval_transform(train_split, size), make_eval_transform("val", size))
+        centred = open_splits(cfg.data, make_eval_transform("val", size), make_eval_transform("val", size))
+        sources = {"train": centred.train, "val": centred.val}  # extracted in this order
+        if cfg.train_view == "protocol":
+            sources["train"] = open_splits(cfg.data, make_eval_transform("train", size), None).train
+            if cfg.knn:
+                sources["train_center"] = centred.train
+        self.splits = EvalSplits(sources["train"], sources["val"])
+        self.knn_bank = "train_center" if "train_center" in sources else "train"
         self.dim, self.num_classes = encoder.embed_dim, self.splits.num_classes
         self.caches = {
-            split: FeatureCache(self.run_dir / FEATURE_DIR, split, self._fingerprint(split), self.dist)
-            for split in ("train", "val")
+            name: FeatureCache(self.run_dir / FEATURE_DIR, name, self._fingerprint(name, dataset), self.dist)
+            for name, dataset in sources.items()
         }
+        self.sources = sources
 
         self.specs = with_protocol_head(grid_specs(cfg.lrs, cfg.batchnorm), cfg.protocol_lr)
         self.protocol_index = self.specs.index(HeadSpec(cfg.protocol_lr, True))
@@ -132,15 +140,14 @@ class FastProbeTrainer(EvaluationRun):
         self.ckpts = run_checkpoints(self.run_dir, cfg.run)
         self.logbook = Logbook(self.run_dir, self.dist.is_main, self.total_steps, PROTOCOL)
 
-    def _fingerprint(self, split: str) -> dict:
-        dataset = getattr(self.splits, split)
+    def _fingerprint(self, name: str, dataset: ImageFolderDataset) -> dict:
         classes = hashlib.sha256("\n".join(dataset.classes).encode()).hexdigest()
         return {
             "backbone_sha256": self.backbone_digest,
             "num_rows": len(dataset),
             "dim": self.dim,
             "dtype": self.cfg.feature_dtype,
-            "view": self.cfg.train_view if split == "train" else "center",
+            "view": self.cfg.train_view if name == "train" else "center",
             "view_seed": self.cfg.run.seed,
             "img_size": self.cfg.model.img_size,
             "precision": self.cfg.run.precision,
@@ -154,13 +161,13 @@ class FastProbeTrainer(EvaluationRun):
             return self.features(images)
 
     def extract_features(self, stop_requested: StopRequested) -> bool:
-        """Fill the train and val caches (continuing a partial one); False if stopped on request."""
-        for split, cache in self.caches.items():
+        """Fill the feature caches (continuing a partial one); False if stopped on request."""
+        for name, cache in self.caches.items():
             if cache.is_complete():
                 continue
             start = time.perf_counter()
             done = cache.extract(
-                OneViewPerImage(getattr(self.splits, split), self.cfg.run.seed),
+                OneViewPerImage(self.sources[name], self.cfg.run.seed),
                 self._extract,
                 self.device,
                 self.cfg.extract_batch_size,
@@ -168,7 +175,7 @@ class FastProbeTrainer(EvaluationRun):
                 stop_requested,
                 flush_every=self.cfg.run.save_every_steps,
             )
-            self.timing[f"extract_{split}_s"] = self.timing.get(f"extract_{split}_s", 0.0) + time.perf_counter() - start
+            self.timing[f"extract_{name}_s"] = self.timing.get(f"extract_{name}_s", 0.0) + time.perf_counter() - start
             if not done:
                 return False
         return True
@@ -260,6 +267,7 @@ class FastProbeTrainer(EvaluationRun):
             "k": self.cfg.knn_k,
             "temperature": self.cfg.knn_temperature,
             "feature": self.cfg.knn_feature,
+            "bank_view": "resize + center crop of every train image",
             "top1": 100.0 * counts["top1"] / counts["n"],
             "top5": 100.0 * counts["top5"] / counts["n"],
         }
@@ -289,7 +297,11 @@ class FastProbeTrainer(EvaluationRun):
         results["top1"], results["top5"] = estimate["val_top1"], estimate["val_top5"]
         results["estimates"] = PROTOCOL_ESTIMATED
         if self.cfg.knn:
-            results["knn"] = self.evaluate_knn(train_x, train_y, val_x, val_y)
+            bank_x, bank_y = train_x, train_y
+            if self.knn_bank != "train":
+                del train_x, train_y  # the heads are trained: only the kNN bank is needed now
+                bank_x, bank_y = (t.to(self.device) for t in self.caches[self.knn_bank].load())
+            results["knn"] = self.evaluate_knn(bank_x, bank_y, val_x, val_y)
         results["step"] = self.step
         results["timing"] = dict(self.timing)
         return FitResult("finished", self.step, self._report(results))
