@@ -12,7 +12,9 @@ import torch
 
 from extrema.checkpoint import read_checkpoint
 from extrema.config import FastProbeConfig
+from extrema.distributed import DistInfo
 from extrema.engine.fast_probe import FastProbeTrainer, holdout_split
+from extrema.engine.feature_cache import FeatureCache
 from extrema.engine.head_grid import GridSGD, HeadGrid, grid_loss, grid_specs
 from extrema.engine.knn import knn_scores
 from tests.eval_runs import NUM_CLASSES, fast_probe_config, write_dataset, write_pretrain_checkpoint
@@ -122,6 +124,23 @@ def test_holdout_split_is_disjoint_and_complete():
     fit, hold = holdout_split(100, 0.1, seed=0)
     assert len(hold) == 10 and len(fit) == 90
     assert sorted(fit.tolist() + hold.tolist()) == list(range(100))
+
+
+def test_each_rank_reads_back_only_its_own_block_of_the_cache(tmp_path):
+    # Two ranks' blocks written by one process (no collectives without a process group): rank 1 holds
+    # rows [4, 7) of 7, and reading all blocks gives the split in order.
+    x = torch.arange(7 * 3, dtype=torch.float32).view(7, 3)
+    y = torch.arange(7) % 2
+    fingerprint = {"num_rows": 7, "dim": 3, "dtype": "float16"}
+    caches = [FeatureCache(tmp_path, "train", fingerprint, DistInfo(rank, 2)) for rank in (0, 1)]
+    for cache in caches:
+        dataset = torch.utils.data.TensorDataset(x, y)
+        assert cache.extract(dataset, lambda b: b, torch.device("cpu"), 2, 0, lambda: False, flush_every=1)
+    own_x, own_y = caches[1].load_own()
+    assert own_x.dtype == torch.float16 and torch.equal(own_x.float(), x[4:]) and torch.equal(own_y, y[4:])
+    assert torch.equal(caches[0].load_own()[0].float(), x[:4])
+    all_x, all_y = caches[1].load()
+    assert torch.equal(all_x.float(), x) and torch.equal(all_y, y)
 
 
 def test_extraction_and_head_training_resume_exactly_and_the_run_reports(data, tmp_path):
