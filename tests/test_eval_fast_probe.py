@@ -16,7 +16,7 @@ from extrema.distributed import DistInfo
 from extrema.engine.fast_probe import FastProbeTrainer, holdout_split
 from extrema.engine.feature_cache import FeatureCache
 from extrema.engine.head_grid import GridSGD, HeadGrid, grid_loss, grid_specs
-from extrema.engine.knn import knn_scores
+from extrema.engine.knn import knn_scores, knn_topk, merge_topk
 from tests.eval_runs import NUM_CLASSES, fast_probe_config, write_dataset, write_pretrain_checkpoint
 
 
@@ -113,6 +113,22 @@ def test_knn_matches_brute_force(chunk):
     want = brute_force_knn(train, labels, queries, 4, 7, 0.07)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=0)
     assert torch.equal(got.argmax(1), want.argmax(1))
+
+
+def test_merged_shard_neighbours_are_the_whole_banks_even_from_a_shard_smaller_than_k():
+    g = torch.Generator().manual_seed(1)
+    bank = torch.nn.functional.normalize(torch.randn(12, 4, generator=g), dim=1)
+    labels, queries = (
+        torch.randint(0, 3, (12,), generator=g),
+        torch.nn.functional.normalize(torch.randn(6, 4, generator=g), dim=1),
+    )
+    shards = [knn_topk(bank[a:b], labels[a:b], queries, k=5, chunk=4) for a, b in ((0, 3), (3, 12))]
+    assert torch.isinf(shards[0][0][:, 3:]).all()  # 3 rows for k=5: two missing neighbours, weight 0
+    sims, labs = merge_topk(torch.cat([s for s, _ in shards], 1), torch.cat([lab for _, lab in shards], 1), k=5)
+    # Against a full sort of every query's similarities.
+    want_sims, order = (queries @ bank.T).sort(dim=1, descending=True)
+    torch.testing.assert_close(sims, want_sims[:, :5])
+    assert torch.equal(labs, labels[order[:, :5]])
 
 
 def test_knn_refuses_k_larger_than_the_bank():
