@@ -12,9 +12,11 @@ import torch
 
 from extrema.checkpoint import read_checkpoint
 from extrema.config import FastProbeConfig
+from extrema.distributed import DistInfo
 from extrema.engine.fast_probe import FastProbeTrainer, holdout_split
+from extrema.engine.feature_cache import FeatureCache
 from extrema.engine.head_grid import GridSGD, HeadGrid, grid_loss, grid_specs
-from extrema.engine.knn import knn_scores
+from extrema.engine.knn import knn_scores, knn_topk, merge_topk
 from tests.eval_runs import NUM_CLASSES, fast_probe_config, write_dataset, write_pretrain_checkpoint
 
 
@@ -113,6 +115,22 @@ def test_knn_matches_brute_force(chunk):
     assert torch.equal(got.argmax(1), want.argmax(1))
 
 
+def test_merged_shard_neighbours_are_the_whole_banks_even_from_a_shard_smaller_than_k():
+    g = torch.Generator().manual_seed(1)
+    bank = torch.nn.functional.normalize(torch.randn(12, 4, generator=g), dim=1)
+    labels, queries = (
+        torch.randint(0, 3, (12,), generator=g),
+        torch.nn.functional.normalize(torch.randn(6, 4, generator=g), dim=1),
+    )
+    shards = [knn_topk(bank[a:b], labels[a:b], queries, k=5, chunk=4) for a, b in ((0, 3), (3, 12))]
+    assert torch.isinf(shards[0][0][:, 3:]).all()  # 3 rows for k=5: two missing neighbours, weight 0
+    sims, labs = merge_topk(torch.cat([s for s, _ in shards], 1), torch.cat([lab for _, lab in shards], 1), k=5)
+    # Against a full sort of every query's similarities.
+    want_sims, order = (queries @ bank.T).sort(dim=1, descending=True)
+    torch.testing.assert_close(sims, want_sims[:, :5])
+    assert torch.equal(labs, labels[order[:, :5]])
+
+
 def test_knn_refuses_k_larger_than_the_bank():
     with pytest.raises(ValueError, match="knn k=5 exceeds the 3"):
         knn_scores(torch.randn(3, 2), torch.zeros(3, dtype=torch.long), torch.randn(1, 2), 2, k=5)
@@ -122,6 +140,23 @@ def test_holdout_split_is_disjoint_and_complete():
     fit, hold = holdout_split(100, 0.1, seed=0)
     assert len(hold) == 10 and len(fit) == 90
     assert sorted(fit.tolist() + hold.tolist()) == list(range(100))
+
+
+def test_each_rank_reads_back_only_its_own_block_of_the_cache(tmp_path):
+    # Two ranks' blocks written by one process (no collectives without a process group): rank 1 holds
+    # rows [4, 7) of 7, and reading all blocks gives the split in order.
+    x = torch.arange(7 * 3, dtype=torch.float32).view(7, 3)
+    y = torch.arange(7) % 2
+    fingerprint = {"num_rows": 7, "dim": 3, "dtype": "float16"}
+    caches = [FeatureCache(tmp_path, "train", fingerprint, DistInfo(rank, 2)) for rank in (0, 1)]
+    for cache in caches:
+        dataset = torch.utils.data.TensorDataset(x, y)
+        assert cache.extract(dataset, lambda b: b, torch.device("cpu"), 2, 0, lambda: False, flush_every=1)
+    own_x, own_y = caches[1].load_own()
+    assert own_x.dtype == torch.float16 and torch.equal(own_x.float(), x[4:]) and torch.equal(own_y, y[4:])
+    assert torch.equal(caches[0].load_own()[0].float(), x[:4])
+    all_x, all_y = caches[1].load()
+    assert torch.equal(all_x.float(), x) and torch.equal(all_y, y)
 
 
 def test_extraction_and_head_training_resume_exactly_and_the_run_reports(data, tmp_path):

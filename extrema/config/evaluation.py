@@ -91,7 +91,7 @@ class FastProbeConfig:
     """Train features from: protocol (one RandomResizedCrop + flip view per image, the linear probe's train
     transform, seeded by image) or center (resize + center crop, as val)."""
     batch_size: int = 4096
-    """Head-training batch (every rank trains the whole grid on the same batches); the linear probe's by default."""
+    """Global head-training batch (each rank computes the grid on the batch's rows it holds); the linear probe's."""
     epochs: int = 90
     """Epochs over the cached training features (the linear probe's by default)."""
     warmup_epochs: float = 10

@@ -5,6 +5,11 @@ its own learning rate. A BatchNorm without affine parameters has nothing to lear
 one BN: one normalisation per batch, then one batched matmul per variant. SGD with momentum is written
 out for the stacked weights so that each head keeps its own lr; it is the same update as torch's SGD
 (dampening 0, no Nesterov, no weight decay): buf = m * buf + grad; w -= lr * buf.
+
+Data-parallel, each rank computes the grid on its rows of the global batch: the BN takes the statistics of the
+global batch (GlobalBatchNorm1d), each rank's loss is its rows' share of the global mean (`grid_loss` with
+`total_rows`) and `sum_over_ranks_` adds the ranks' gradients, so every rank makes the update that one process
+makes on the whole batch.
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from extrema.models.probe_head import PROBE_BN_EPS
+from extrema.distributed import is_distributed
+from extrema.models.probe_head import PROBE_BN_EPS, GlobalBatchNorm1d
 
 
 @dataclass(frozen=True)
@@ -52,7 +59,7 @@ class HeadGrid(nn.Module):
         if any(s.batchnorm for s in self.specs[self.num_bn :]):
             raise ValueError("HeadGrid needs the BN heads first; build the specs with grid_specs()")
         h = len(self.specs)
-        self.bn = nn.BatchNorm1d(dim, affine=False, eps=PROBE_BN_EPS)
+        self.bn = GlobalBatchNorm1d(dim, affine=False, eps=PROBE_BN_EPS)  # BatchNorm1d in one process
         # Reference head init: weight ~ N(0, 0.01), bias 0; weight laid out as nn.Linear's (C, D) per head.
         self.weight = nn.Parameter(torch.randn(h, num_classes, dim, generator=generator) * 0.01)
         self.bias = nn.Parameter(torch.zeros(h, num_classes))
@@ -106,14 +113,26 @@ class GridSGD:
             buf.copy_(saved)
 
 
-def grid_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def grid_loss(logits: torch.Tensor, targets: torch.Tensor, total_rows: int | None = None) -> torch.Tensor:
     """Sum over heads of each head's mean cross-entropy: every head gets exactly its own gradient.
 
-    logits: (H, B, C); targets: (B,).
+    logits: (H, B, C); targets: (B,). With `total_rows` (the global batch when these B rows are one rank's
+    part of it) the sum over the B rows is divided by `total_rows` instead of B.
     """
     h, b, c = logits.shape
     per_row = nn.functional.cross_entropy(logits.reshape(h * b, c), targets.repeat(h), reduction="none")
-    return per_row.view(h, b).mean(dim=1).sum()
+    return per_row.view(h, b).sum(dim=1).sum() / (b if total_rows is None else total_rows)
+
+
+@torch.no_grad()
+def sum_over_ranks_(tensors: Sequence[torch.Tensor]) -> None:
+    """Replace each tensor by its sum over ranks, in place, with one all-reduce (nothing in one process)."""
+    if not is_distributed():
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+        t.copy_(part.view_as(t))
 
 
 @torch.no_grad()

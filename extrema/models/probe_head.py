@@ -24,11 +24,12 @@ def global_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     """(count, mean (D,), biased variance (D,)) of the rows of x (B, D) on all ranks together, in fp32.
 
     Each rank sends its count, mean and sum of squared deviations; they are combined with the parallel
-    variance formula (Chan et al.), which avoids the cancellation of E[x^2] - E[x]^2.
+    variance formula (Chan et al.), which avoids the cancellation of E[x^2] - E[x]^2. A rank may have no rows
+    (the fast probe's data-parallel batches split unevenly); the total must not be 0.
     """
     x = x.float()
     count = torch.tensor([float(x.shape[0])], device=x.device)
-    mean = x.mean(dim=0)
+    mean = x.sum(dim=0) / max(x.shape[0], 1)  # a rank without rows this batch sends (0, 0, 0), not NaNs
     m2 = (x - mean).square().sum(dim=0)
     local = torch.cat([count, mean, m2])  # (1 + 2D,)
     gathered = [torch.empty_like(local) for _ in range(_world_size())]
