@@ -49,11 +49,6 @@ class Interruption:
     detail: str
 
     @property
-    def slurm_requeues(self) -> bool:
-        """SLURM puts the job back by itself: the job must not requeue it again."""
-        return self.cause in REQUEUED_BY_SLURM
-
-    @property
     def needs_self_requeue(self) -> bool:
         """The job has to run `scontrol requeue` itself to come back."""
         return self.cause in REQUEUE_ITSELF

@@ -26,7 +26,7 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -500,8 +500,3 @@ def _close_process_group() -> None:
         return
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def outcome_dict(outcome: JobOutcome) -> dict:
-    """JSON-friendly form of an outcome."""
-    return asdict(outcome)

@@ -16,13 +16,6 @@ from typing import Any
 from launch.experiment import Experiment
 from launch.schema import LaunchConfig
 
-COMMAND_JOBS = {
-    "pretrain": ["pretrain"],
-    "linprobe": ["linprobe"],
-    "fastprobe": ["fastprobe"],
-    "finetune": ["finetune"],
-}
-
 
 @dataclass
 class JobNode:
