@@ -12,11 +12,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from extrema.distributed import is_distributed
+
 PROBE_BN_EPS = 1e-5  # the reference head's SyncBatchNorm keeps torch's default eps
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 @torch.no_grad()
@@ -32,7 +30,7 @@ def global_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     mean = x.sum(dim=0) / max(x.shape[0], 1)  # a rank without rows this batch sends (0, 0, 0), not NaNs
     m2 = (x - mean).square().sum(dim=0)
     local = torch.cat([count, mean, m2])  # (1 + 2D,)
-    gathered = [torch.empty_like(local) for _ in range(_world_size())]
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, local)
     stats = torch.stack(gathered)  # (world, 1 + 2D)
     dim = mean.shape[0]
@@ -50,7 +48,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or _world_size() == 1:
+        if not self.training or not is_distributed():
             return super().forward(x)
         if x.requires_grad:
             raise RuntimeError("GlobalBatchNorm1d gathers its statistics without autograd: its input must need no grad")
