@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from extrema.data import ResumableDistributedSampler
 
@@ -61,9 +62,33 @@ def test_iterating_does_not_move_the_position():
     assert sampler.state_dict()["position"] == 4
 
 
+def _next_global_batch(samplers: list[ResumableDistributedSampler], per_rank: int) -> set[int]:
+    return {index for sampler in samplers for index in list(sampler)[:per_rank]}
+
+
+@pytest.mark.parametrize("new_ranks", [1, 3, 4, 6])
+def test_a_resume_on_another_number_of_ranks_continues_with_the_same_global_batches(new_ranks):
+    # Global batch 12: 2 ranks x 6 per step before the change, new_ranks x 12/new_ranks after.
+    old = [ResumableDistributedSampler(100, 2, r, seed=3) for r in range(2)]
+    for sampler in old:
+        sampler.set_epoch(1)
+    steps_done = 3
+    state = old[0].state_dict(position=steps_done * 6)
+    assert state["global_position"] == 36
+    new = [ResumableDistributedSampler(100, new_ranks, r, seed=3) for r in range(new_ranks)]
+    for sampler in new:
+        sampler.load_state_dict(state)
+    # What two ranks would have taken at step 4, from the epoch's permutation by hand: its elements [36, 48).
+    perm = torch.randperm(100, generator=torch.Generator().manual_seed(3 + 1)).tolist()
+    assert _next_global_batch(new, 12 // new_ranks) == set(perm[36:48])
+    for sampler in old:
+        sampler.set_position(36 // 2)
+    assert _next_global_batch(old, 6) == set(perm[36:48])
+
+
 def test_mismatched_resume_is_refused_mid_epoch_but_fine_at_a_boundary():
-    state = ResumableDistributedSampler(40, 2, 0, seed=1).state_dict(position=6)
-    with pytest.raises(ValueError, match="num_replicas=2 but this one has num_replicas=4"):
+    state = ResumableDistributedSampler(40, 2, 0, seed=1).state_dict(position=5)
+    with pytest.raises(ValueError, match="after 10 samples of the epoch, not a multiple of 4"):
         ResumableDistributedSampler(40, 4, 0, seed=1).load_state_dict(state)
     with pytest.raises(ValueError, match="num_samples"):
         ResumableDistributedSampler(41, 2, 0, seed=1).load_state_dict(state)

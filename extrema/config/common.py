@@ -119,6 +119,9 @@ class RunConfig:
     """Deterministic kernels (torch.use_deterministic_algorithms, no cuDNN autotuning, CUBLAS_WORKSPACE_CONFIG):
     a GPU resume then matches an uninterrupted run bit for bit, at some speed. Without it a GPU resume restores
     the data, masks, augmentation and RNG streams exactly but not the order in which kernels sum."""
+    max_micro_batch: int | None = None
+    """Most images one rank may run through one forward/backward (its memory budget): accum_steps=auto takes the
+    fewest micro-steps that stay within it. None = measured by a trial step on a GPU; no limit on a CPU."""
     max_skipped_steps: int = 100
     """fp16: stop with TrainingDiverged once the loss scaler skipped this many steps in a row (every gradient
     non-finite: the weights no longer change); checked at logged steps and before saves."""
@@ -140,3 +143,5 @@ class RunConfig:
         check_positive("run.stall_first_step_s", self.stall_first_step_s)
         check_positive("run.stop_check_s", self.stop_check_s, allow_zero=True)
         check_positive("run.max_skipped_steps", self.max_skipped_steps)
+        if self.max_micro_batch is not None:
+            check_positive("run.max_micro_batch", self.max_micro_batch)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from extrema.batching import check_accum_setting
 from extrema.config.common import DataConfig, ModelConfig, RunConfig, check_choice, check_positive
 
 BRANCHES = ("teacher", "student")
@@ -43,7 +44,11 @@ class LinearProbeConfig:
     branch: str = "teacher"
     """Which encoder of a siamese checkpoint to probe: teacher (the published numbers) or student."""
     batch_size: int = 4096
-    """Global batch over all ranks."""
+    """Global batch over all ranks (images per SGD step, on any allocation)."""
+    accum_steps: int | str = 1
+    """Micro-steps of the frozen backbone's forward per step: batch_size / (ranks x this) images each; the head
+    then steps once on the whole batch, so its BatchNorm sees the same global batch. "auto": see
+    pretrain.optim.accum_steps."""
     epochs: int = 90
     """Training epochs of the head."""
     warmup_epochs: float = 10
@@ -70,6 +75,7 @@ class LinearProbeConfig:
             check_positive(name, getattr(self, name), allow_zero=True)
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum={self.momentum} must be in [0, 1)")
+        check_accum_setting("accum_steps", self.accum_steps)
 
 
 @dataclass
@@ -132,6 +138,7 @@ class FastProbeConfig:
             raise ValueError(f"holdout_fraction={self.holdout_fraction} must be in (0, 1)")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum={self.momentum} must be in [0, 1)")
+        check_accum_setting("accum_steps", self.accum_steps)
 
 
 def _finetune_model() -> ModelConfig:
@@ -150,7 +157,10 @@ class FinetuneConfig:
     branch: str = "student"
     """Which encoder of a siamese checkpoint to finetune: student (the reference's choice) or teacher."""
     batch_size: int = 1024
-    """Global batch over all ranks (reference: 128 per GPU x 8)."""
+    """Global batch over all ranks (reference: 128 per GPU x 8), kept on any allocation."""
+    accum_steps: int | str = 1
+    """Gradient-accumulation micro-steps per AdamW step (batch_size / (ranks x this) images each); Mixup/CutMix
+    mix the rank's whole batch first. "auto": see pretrain.optim.accum_steps."""
     epochs: int = 100
     """Training epochs."""
     warmup_epochs: float = 5
@@ -234,6 +244,7 @@ class FinetuneConfig:
             raise ValueError(f"model_ema_decay={self.model_ema_decay} must be in (0, 1)")
         if self.clip_grad is not None:
             check_positive("clip_grad", self.clip_grad)
+        check_accum_setting("accum_steps", self.accum_steps)
 
     @property
     def mixing(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from extrema.batching import check_accum_setting
 from extrema.config.common import DataConfig, ModelConfig, RunConfig, check_choice, check_positive
 from extrema.models.siamese import CONTRAST_TEMPERATURE
 
@@ -28,7 +29,12 @@ class OptimConfig:
     """AdamW with warm-up + cosine, scaled by global batch / 256."""
 
     batch_size: int = 2048
-    """Global batch over all ranks."""
+    """Global batch: images per optimizer step over all ranks and micro-steps (the recipe's number, kept on any
+    allocation)."""
+    accum_steps: int | str = 1
+    """Gradient-accumulation micro-steps per optimizer step: each rank runs batch_size / (ranks x this) images per
+    forward/backward. "auto" = the fewest whose micro-batch fits (run.max_micro_batch, or a trial step on a GPU;
+    1 on a CPU)."""
     epochs: int = 300
     """Epochs of the schedule."""
     warmup_epochs: float = 40
@@ -58,6 +64,17 @@ class OptimConfig:
             raise ValueError(f"optim.warmup_epochs={self.warmup_epochs} exceeds optim.epochs={self.epochs}")
         if self.clip_grad is not None:
             check_positive("optim.clip_grad", self.clip_grad)
+        check_accum_setting("optim.accum_steps", self.accum_steps)
+
+
+def check_infonce_accumulation(loss: str, accum_steps: int | str) -> None:
+    """InfoNCE takes its negatives from the step's batch; micro-steps would each see only their own share."""
+    if loss == "infonce" and accum_steps != 1:
+        raise ValueError(
+            f"loss=infonce with optim.accum_steps={accum_steps!r}: InfoNCE's negatives are the batch's keys, and "
+            "micro-steps would each contrast against a fraction of them, changing the loss; use loss=byol (the "
+            "published recipe) or optim.accum_steps=1 (more GPUs or a smaller optim.batch_size)"
+        )
 
 
 @dataclass
@@ -97,6 +114,7 @@ class PretrainConfig:
 
         check_choice("augmentation", self.augmentation, AUGMENTATIONS)
         check_choice("loss", self.loss, LOSS_NAMES)
+        check_infonce_accumulation(self.loss, self.optim.accum_steps)
         if not 0.0 <= self.momentum <= 1.0:
             raise ValueError(f"momentum={self.momentum} must be in [0, 1]")
         check_mask_settings(self.model.num_tokens, self.mask.ratio, self.mask.num_masks, self.mask.disjoint)

@@ -15,7 +15,7 @@ readable file stands in (its sum over an epoch = unreadable files met).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from extrema.data.device_color import color_views
 from extrema.data.sampler import ResumableDistributedSampler
+from extrema.data.sample_draws import DRAWS_STREAM
 from extrema.data.seeding import sample_seed, seeded_global_rng
 from extrema.data.transforms import CropWithColor
 from extrema.data.workers import ignore_stop_signals, iterate_workers
@@ -57,16 +58,18 @@ class SeededSamples(Dataset):
     `dataset` needs `load(index, as_tensor) -> LoadedSample` and a `transform` (as `ImageFolderDataset` has).
     A transform with `accepts_generator = True` gets a seeded torch.Generator; any other (timm, torchvision)
     runs with the global RNGs seeded for the sample and restored afterwards. A transform with
-    `takes_tensor = True` gets a uint8 (3, H, W) tensor instead of a PIL image.
+    `takes_tensor = True` gets a uint8 (3, H, W) tensor instead of a PIL image. `draws` (e.g.
+    `extrema.data.sample_draws.StudentDraws`), when given, adds "draws": its dict for a generator seeded from
+    the same (seed, epoch, index) on a stream of its own.
     """
 
-    def __init__(self, dataset: Any, seed: int) -> None:
+    def __init__(self, dataset: Any, seed: int, draws: Callable[[torch.Generator], dict] | None = None) -> None:
         if not hasattr(dataset, "load") or getattr(dataset, "transform", None) is None:
             raise TypeError(
                 f"{type(dataset).__name__} needs a load(index) method and a transform (e.g. an ImageFolderDataset "
                 "built with transform=make_pretrain_transform(...))"
             )
-        self.dataset, self.seed = dataset, seed
+        self.dataset, self.seed, self.draws = dataset, seed, draws
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -81,7 +84,11 @@ class SeededSamples(Dataset):
         else:
             with seeded_global_rng(seed):
                 image = transform(loaded.image)
-        return {"image": image, "label": loaded.label, "index": key.index, "skipped": loaded.skipped}
+        sample = {"image": image, "label": loaded.label, "index": key.index, "skipped": loaded.skipped}
+        if self.draws is not None:
+            # Keyed on the requested index, so an image that stands in for an unreadable one draws anew.
+            sample["draws"] = self.draws(torch.Generator().manual_seed(sample_seed(self.seed, *key, DRAWS_STREAM)))
+        return sample
 
 
 class OneViewPerImage(Dataset):
@@ -160,6 +167,15 @@ class ResumableLoader:
         state["bad_files"] = sorted(self.bad_files)
         return state
 
+    @staticmethod
+    def merge_rank_states(states: list[dict], with_bad_files: bool) -> dict:
+        """One state from every rank's (all at the same epoch and global position), to resume on another number
+        of ranks. The unreadable files met so far go to one rank (`with_bad_files`), since the job's count is the
+        sum over its ranks."""
+        merged = dict(states[0])
+        merged["bad_files"] = sorted(set().union(*(s.get("bad_files", []) for s in states))) if with_bad_files else []
+        return merged
+
     def load_state_dict(self, state: dict) -> None:
         """Continue where `state` was taken; the next iteration starts at its position."""
         self.sampler.load_state_dict(state)
@@ -178,6 +194,7 @@ def build_loader(
     pin_memory: bool | None = None,
     prefetch_factor: int = 4,
     multiprocessing_context: str | None = None,
+    draws: Callable[[torch.Generator], dict] | None = None,
 ) -> ResumableLoader:
     """A resumable, deterministic loader over `dataset` (needs `load()` + `transform`, see `SeededSamples`).
 
@@ -186,6 +203,7 @@ def build_loader(
     - `prefetch_factor` batches per worker are decoded ahead (4: a step's time varies; JPEG decoding too);
     - workers ignore stop signals and start with them held: the training process owns the stop
       (`extrema.data.workers`);
+    - `draws` adds per-sample random draws to each sample (see `SeededSamples`);
     - the DataLoader gets its own generator: its per-iteration worker base seed would otherwise be drawn
       from torch's global RNG and shift the training process's stream (dropout, drop-path) on every resume.
     """
@@ -201,7 +219,7 @@ def build_loader(
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     loader = DataLoader(
-        SeededSamples(dataset, seed),
+        SeededSamples(dataset, seed, draws),
         batch_size=batch_size,
         sampler=EpochKeySampler(sampler),
         num_workers=num_workers,

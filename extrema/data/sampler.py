@@ -15,6 +15,12 @@ class ResumableDistributedSampler(Sampler[int]):
     rank); rank r takes every num_replicas-th element starting at r, so the ranks' shares are disjoint and,
     with drop_last=False, cover the dataset (the tail is padded by repeating from the start).
 
+    The ranks step in lockstep, so after `position` samples per rank the epoch's first position x num_replicas
+    elements of the permutation are used, whatever num_replicas is: that `global_position` is what a checkpoint
+    carries, and a resume on another number of ranks continues from it (`load_state_dict`). With per-rank
+    batches of G / num_replicas, optimizer step s takes exactly elements [s * G, (s + 1) * G) of the epoch's
+    permutation on any number of ranks.
+
     `position` = samples of this rank already consumed in the epoch; iteration starts there. It is not
     advanced by iterating: a DataLoader prefetches, so only the consumer knows what was used. The consumer
     (see `extrema.data.loader.ResumableLoader`) counts what it consumed and calls `set_position` before a
@@ -81,10 +87,12 @@ class ResumableDistributedSampler(Sampler[int]):
         return self.samples_per_rank - self.position
 
     def state_dict(self, position: int | None = None) -> dict:
-        """{epoch, position} plus what must match on load; `position` overrides the stored one."""
+        """{epoch, position, global_position} plus what must match on load; `position` overrides the stored one."""
+        position = self.position if position is None else position
         return {
             "epoch": self.epoch,
-            "position": self.position if position is None else position,
+            "position": position,
+            "global_position": position * self.num_replicas,
             "seed": self.seed,
             "num_samples": self.num_samples,
             "num_replicas": self.num_replicas,
@@ -92,17 +100,32 @@ class ResumableDistributedSampler(Sampler[int]):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue at `state`'s epoch and position. A mid-epoch state needs the same dataset size, world size,
-        seed and shuffle; at an epoch boundary (position 0) only the epoch carries over."""
-        if state["position"]:
-            for key in ("num_samples", "num_replicas", "seed", "shuffle"):
+        """Continue at `state`'s epoch and position. A mid-epoch state needs the same dataset size, seed and
+        shuffle; saved by another number of ranks, it continues at the same global position, which must then be
+        a whole number of samples per rank. At an epoch boundary (position 0) only the epoch carries over."""
+        position = int(state["position"])
+        if position:
+            for key in ("num_samples", "seed", "shuffle"):
                 if key in state and state[key] != getattr(self, key):
                     raise ValueError(
                         f"cannot resume mid-epoch: the checkpoint's sampler has {key}={state[key]} but this one has "
                         f"{key}={getattr(self, key)}; resume with the same setting or from an epoch-boundary checkpoint"
                     )
+            saved_ranks = int(state.get("num_replicas", self.num_replicas))
+            if saved_ranks != self.num_replicas:
+                position = self._position_of(int(state.get("global_position", position * saved_ranks)), saved_ranks)
         self.epoch = int(state["epoch"])
-        self.set_position(int(state["position"]))
+        self.set_position(position)
+
+    def _position_of(self, global_position: int, saved_ranks: int) -> int:
+        """This rank's position after `global_position` samples of the epoch, saved by `saved_ranks` ranks."""
+        if global_position % self.num_replicas:
+            raise ValueError(
+                f"cannot resume mid-epoch on {self.num_replicas} ranks: the checkpoint ({saved_ranks} ranks) stopped "
+                f"after {global_position} samples of the epoch, not a multiple of {self.num_replicas}; keep the global "
+                "batch a multiple of the number of ranks, or resume from an epoch-boundary checkpoint"
+            )
+        return global_position // self.num_replicas
 
 
 def _ceil_div(a: int, b: int) -> int:

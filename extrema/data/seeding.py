@@ -25,12 +25,22 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A 63-bit seed for one sample of one epoch of a run seeded with `seed`."""
+def sample_seed(seed: int, epoch: int, index: int, stream: int = 0) -> int:
+    """A 63-bit seed for one sample of one epoch of a run seeded with `seed`; `stream` > 0 gives that sample
+    further independent seeds (0: its augmentation's)."""
     h = _splitmix64(seed & _MASK64)
     h = _splitmix64(h ^ (epoch & _MASK64))
     h = _splitmix64(h ^ (index & _MASK64))
+    if stream:
+        h = _splitmix64(h ^ (stream & _MASK64))
     return h >> 1
+
+
+def index_fingerprint(indices: list[int]) -> int:
+    """An order-independent fingerprint of a multiset of dataset indices: the sum of a 40-bit hash of each.
+    Sums add over ranks and steps exactly in int64 (up to 2^23 indices), so the images of one optimizer step can
+    be compared between runs with different numbers of ranks."""
+    return sum(_splitmix64(i & _MASK64) >> 24 for i in indices)
 
 
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:

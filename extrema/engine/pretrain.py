@@ -9,11 +9,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from extrema.batching import AUTO, BatchPlan, largest_fitting_micro_batch, plan_batch, split_batch
 from extrema.checkpoint import FORMAT, CheckpointError, export_backbone, read_checkpoint
 from extrema.checkpoint import model_state as checkpoint_model_state
 from extrema.config import PretrainConfig
@@ -23,6 +25,8 @@ from extrema.engine.base import FINAL_METRICS, FitResult, StopRequested, run_len
 from extrema.engine.checkpointed import CheckpointedRun, run_checkpoints
 from extrema.engine.divergence import DivergenceGuard
 from extrema.engine.logbook import Logbook, mean_over_ranks, read_metrics_log
+from extrema.data import ResumableLoader
+from extrema.data.seeding import index_fingerprint
 from extrema.engine.pretrain_data import PretrainData
 from extrema.engine.summary import write_json
 from extrema.masking import sample_masks
@@ -65,11 +69,9 @@ class PretrainTrainer(CheckpointedRun):
         self.device = resolve_device(cfg.run.device, self.dist.local_rank)
         if cfg.run.threads and self.device.type == "cpu":
             torch.set_num_threads(cfg.run.threads)
-        if cfg.optim.batch_size % self.dist.world_size:
-            raise ValueError(
-                f"optim.batch_size={cfg.optim.batch_size} is not divisible by the {self.dist.world_size} ranks"
-            )
-        self.batch_per_rank = cfg.optim.batch_size // self.dist.world_size
+        o = cfg.optim
+        plan_batch(o.batch_size, self.dist.world_size, 1)  # the ranks' split first: it needs no model
+        self.batch_per_rank = o.batch_size // self.dist.world_size
 
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
         self.model: ExtremaModel = create_model(**model_args(cfg)).to(self.device)
@@ -91,12 +93,34 @@ class PretrainTrainer(CheckpointedRun):
             skip=self.model.base_encoder.no_weight_decay(),
         )
         self.scaler = make_scaler(cfg.run.precision, self.device)
+        self.batch_plan = self._plan_batch()
+        log.info("pretraining: %s", self.batch_plan)
         self.net = self._wrap(self.model)
         self.step = 0  # optimizer steps done
         self.ckpts = run_checkpoints(self.run_dir, cfg.run)
         self.logbook = Logbook(self.run_dir, self.dist.is_main, self.total_steps, "pretrain")
         self.wall_time = 0.0  # seconds of training, summed over every attempt
         self.guard = DivergenceGuard(cfg.run.precision, cfg.run.max_skipped_steps)
+
+    def _plan_batch(self) -> BatchPlan:
+        """The configured split; for accum_steps=auto on a GPU without run.max_micro_batch, the largest micro-batch
+        that a trial step shows fits (the same on every rank)."""
+        o, run = self.cfg.optim, self.cfg.run
+        budget = run.max_micro_batch
+        if o.accum_steps == AUTO and budget is None and self.device.type == "cuda":
+            budget = largest_fitting_micro_batch(self.batch_per_rank, self._trial_step, self.device, self.optimizer)
+        return plan_batch(o.batch_size, self.dist.world_size, o.accum_steps, max_micro_batch=budget)
+
+    def _trial_step(self, micro_batch: int) -> None:
+        """Forward + backward of `micro_batch` blank images, leaving no gradient or state behind (no optimizer step,
+        no draw from the run's random streams)."""
+        size = self.cfg.model.img_size
+        views = torch.zeros(micro_batch, 3, size, size, device=self.device)
+        keep = self._draw_masks(micro_batch, torch.Generator(self.device).manual_seed(0))
+        with autocast(self.cfg.run.precision, self.device):
+            out = self.model(views, views, keep)
+        self.scaler.scale(out["loss"]).backward()
+        self.model.zero_grad(set_to_none=True)
 
     def _wrap(self, model: ExtremaModel) -> torch.nn.Module:
         net: torch.nn.Module = model
@@ -128,22 +152,37 @@ class PretrainTrainer(CheckpointedRun):
 
     # ---- one step ---------------------------------------------------------------------------------
     def train_step(
-        self, student_view: torch.Tensor, teacher_view: torch.Tensor, keep: torch.Tensor | None = None
+        self,
+        student_view: torch.Tensor,
+        teacher_view: torch.Tensor,
+        keep: torch.Tensor | None = None,
+        drops: torch.Tensor | None = None,
     ) -> dict:
-        """One optimizer step + EMA update on a batch of views (B, 3, H, W). Returns scalar metrics.
+        """One optimizer step + EMA update on a rank's batch of views (B, 3, H, W), in the plan's micro-steps.
+        Returns scalar metrics.
 
         keep: (M, B, k) kept-token indices; drawn from the trainer's mask generator when not given.
+        drops: (M, B, depth, 2) stochastic-depth draws; None = timm's DropPath draws (per micro-batch).
         """
         sched = self.schedule(self.step)
         set_lr_and_wd(self.optimizer, sched["lr"], sched["weight_decay"])
         if keep is None:
             keep = self._draw_masks(student_view.shape[0])
         self.net.train()
-        with autocast(self.cfg.run.precision, self.device):
-            out = self.net(student_view, teacher_view, keep)
-        self.guard.observe(out["loss"])
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(out["loss"]).backward()
+        parts = split_batch(self.batch_plan, student_view.shape[0])
+        losses, teacher_embeddings = [], []
+        for i, rows in enumerate(parts):
+            # Gradients are all-reduced on the last micro-step only; each micro-loss is a mean over its rows, so
+            # 1 / len(parts) of it makes the summed gradient the whole batch's mean-loss gradient.
+            with self._sync_gradients(i == len(parts) - 1):
+                with autocast(self.cfg.run.precision, self.device):
+                    part_drops = None if drops is None else drops[:, rows]
+                    out = self.net(student_view[rows], teacher_view[rows], keep[:, rows], part_drops)
+                self.guard.observe(out["loss"])
+                self.scaler.scale(out["loss"] / len(parts)).backward()
+            losses.append(out["loss"].detach())
+            teacher_embeddings.append(out["teacher_embedding"].detach())
         grad_norm = None
         if self.cfg.optim.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
@@ -156,13 +195,19 @@ class PretrainTrainer(CheckpointedRun):
         self.guard.update_scaler(self.scaler)  # scaler.update(), counting the steps fp16 skipped
         self.model.update_teacher(sched["momentum"])
         self.step += 1
-        metrics = {"loss": out["loss"].detach(), **sched}
+        metrics = {"loss": torch.stack(losses).mean(), **sched}
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm.detach()
-        # Collapse check: spread of the normalised teacher embeddings across images (0 = collapsed).
-        emb = torch.nn.functional.normalize(out["teacher_embedding"].detach().float(), dim=-1)
+        # Collapse check: spread of the normalised teacher embeddings across the rank's images (0 = collapsed).
+        emb = torch.nn.functional.normalize(torch.cat(teacher_embeddings).float(), dim=-1)
         metrics["teacher_std"] = emb.std(dim=0).mean()
         return metrics
+
+    def _sync_gradients(self, sync: bool):
+        """DDP's gradient all-reduce only where `sync` (the optimizer step's last micro-step)."""
+        if sync or not isinstance(self.net, DistributedDataParallel):
+            return nullcontext()
+        return self.net.no_sync()
 
     def _draw_masks(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """(M, B, k) keep-indices of the configured masks, from the trainer's mask stream unless given another."""
@@ -179,14 +224,19 @@ class PretrainTrainer(CheckpointedRun):
         self.logbook.start(self.step)
         self._clock = time.perf_counter()
         window = _ThroughputWindow(self.step)
+        images = 0  # this rank's share of the fingerprint of the images used since the last record
         try:
             while self.step < self.total_steps:
-                for student_view, teacher_view in window.timed(self.data.iterate(self.step)):
-                    metrics = self.train_step(student_view, teacher_view)
+                for batch in window.timed(self.data.iterate(self.step)):
+                    metrics = self.train_step(batch.student, batch.teacher, batch.keep, batch.drops)
+                    images += index_fingerprint(batch.indices)
                     if self.step % self.cfg.run.log_every_steps == 0 or self.step == self.total_steps:
                         record = mean_over_ranks(metrics)  # all ranks' loss and teacher_std, not rank 0's
                         record.update(epoch=round(self.epoch_float, 4), bad_images=self.data.bad_images())
                         record.update(window.read(self.step, self.cfg.optim.batch_size))
+                        # The same images per step on any number of ranks give the same value (see the README).
+                        record["image_digest"] = self._sum_over_ranks(images)
+                        images = 0
                         self.logbook.write(self.step, record)
                         self.guard.check(self.step, self.device)  # the loss was synced for the log anyway
                     else:
@@ -203,6 +253,9 @@ class PretrainTrainer(CheckpointedRun):
             self.logbook.close()
         return FitResult("finished", self.step, self._finish())
 
+    def _sum_over_ranks(self, value: int) -> int:
+        return int(all_reduce_sum(torch.tensor([value], dtype=torch.int64, device=self.device)).item())
+
     def _finish(self) -> dict:
         """Export the backbones and write the run's summary (main rank)."""
         summary = {
@@ -211,6 +264,7 @@ class PretrainTrainer(CheckpointedRun):
             "epochs": self.epoch_float,
             "wall_time_s": self.wall_time,
             "world_size": self.dist.world_size,
+            "batch": self.batch_plan.as_dict(),
             "device": self.device.type,
             # Unreadable files met (each once), over all ranks: a collective, so before the main-rank-only part.
             "bad_images": int(all_reduce_sum(torch.tensor([self.data.bad_images()], device=self.device)).item()),
@@ -247,6 +301,7 @@ class PretrainTrainer(CheckpointedRun):
             "step": self.step,
             "epoch": int(self.epoch_float),
             "world_size": self.dist.world_size,
+            "batch": self.batch_plan.as_dict(),
             "wall_time_s": self.wall_time,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -255,14 +310,20 @@ class PretrainTrainer(CheckpointedRun):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a `state_dict()` (same world size for an exact resume; other sizes resume approximately)."""
+        """Restore a `state_dict()`. On another number of ranks the data continue at the same global position,
+        and every image keeps its masks, drop-path and augmentation draws (they are the image's own): each later
+        step sees the images and draws it would have seen; only the summation order differs."""
         self._load_weights(state)
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.wall_time = float(state.get("wall_time_s", 0.0))
-        self._restore_rng(state.get("rng_per_rank"), self._restore_streams)
+        per_rank = state.get("rng_per_rank") or []
+        self._restore_rng(per_rank, self._restore_streams)
+        if per_rank and len(per_rank) != self.dist.world_size:
+            saved = [rank_streams["data"] for rank_streams in per_rank]
+            self.data.load_state_dict(ResumableLoader.merge_rank_states(saved, with_bad_files=self.dist.is_main))
 
     def _restore_streams(self, rng: dict) -> None:
         restore_rng_state(rng["global"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -17,9 +18,39 @@ from extrema.data import (
     split_root,
     to_views,
 )
+from extrema.data.sample_draws import StudentDraws, mask_major
 from extrema.distributed import DistInfo, is_distributed
+from extrema.models.registry import ENCODER_SIZES
 
 log = logging.getLogger(__name__)
+
+
+class PretrainBatch(NamedTuple):
+    """One rank's batch of an optimizer step, on the training device."""
+
+    student: torch.Tensor
+    """Student view (B, 3, S, S)."""
+    teacher: torch.Tensor
+    """Teacher view (B, 3, S, S) (the same tensor as `student` without colour views)."""
+    keep: torch.Tensor
+    """Kept-token indices (M, B, k), drawn per image."""
+    drops: torch.Tensor | None
+    """Student stochastic-depth draws (M, B, depth, 2) per image; None when the encoder drops no paths."""
+    indices: list[int]
+    """Dataset index of each image (the requested one; an unreadable file's stand-in keeps it)."""
+
+
+def student_draws(cfg: PretrainConfig) -> StudentDraws:
+    """The per-image draws this config's student needs: its masks, and stochastic depth when it drops paths."""
+    m = cfg.mask
+    depth = ENCODER_SIZES[cfg.model.arch].depth if cfg.model.drop_path_rate > 0 else 0
+    return StudentDraws(depth, cfg.model.num_tokens, m.ratio, m.num_masks, m.disjoint)
+
+
+def steps_per_epoch(num_images: int, global_batch: int) -> int:
+    """Optimizer steps in one pretraining epoch: full global batches only, whatever the number of ranks (each of
+    W ranks gets num_images // W images and runs full per-rank batches of global_batch / W of them)."""
+    return num_images // global_batch
 
 
 class PretrainData:
@@ -49,16 +80,19 @@ class PretrainData:
             cfg.data.num_workers,
             cfg.run.seed,
             prefetch_factor=cfg.data.prefetch_factor,
+            draws=student_draws(cfg),
         )
         self.device = device
         self.steps_per_epoch = self.loader.steps_per_epoch
         log.info("pretraining on %d images, %d steps per epoch", len(self.dataset), self.steps_per_epoch)
 
-    def iterate(self, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The rest of the epoch that `step` falls in, as device views (colour-augmented there if configured)."""
+    def iterate(self, step: int) -> Iterator[PretrainBatch]:
+        """The rest of the epoch that `step` falls in, on the device (views colour-augmented there if configured)."""
         self.loader.set_epoch(step // self.steps_per_epoch)
         for batch in self.loader:
-            yield to_views(batch["image"], self.device)
+            student, teacher = to_views(batch["image"], self.device)
+            draws = {k: v.to(self.device, non_blocking=True) for k, v in mask_major(batch["draws"]).items()}
+            yield PretrainBatch(student, teacher, draws["keep"], draws.get("drops"), batch["index"].tolist())
 
     def bad_images(self) -> int:
         """Unreadable files this rank met so far, each counted once (each replaced by the next readable one)."""
@@ -69,6 +103,7 @@ class PretrainData:
         return self.loader.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue at a saved position: this rank's own state, or `merge_rank_states` of another world size."""
         self.loader.load_state_dict(state)
 
 
@@ -85,6 +120,9 @@ class HandedBatches:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    def iterate(self, step: int) -> Iterator[PretrainBatch]:
+        raise RuntimeError("HandedBatches holds no data: call PretrainTrainer.train_step with your own tensors")
 
     def bad_images(self) -> int:
         return 0

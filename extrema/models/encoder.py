@@ -23,6 +23,10 @@ from extrema.models.pos_embed import sincos_2d_table
 LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)
 
 KeepIndices = torch.Tensor | Sequence[torch.Tensor]
+DropDraws = torch.Tensor
+"""Per-row stochastic-depth draws: uniforms in [0, 1) of shape (B, depth, 2), or mask-major (M, B, depth, 2) with
+`keep`; [..., i, 0] decides block i's attention branch, [..., i, 1] its MLP branch (kept where u >= the block's
+rate). Drawn per image from its own stream, a row's drop decisions do not depend on which rows share its batch."""
 
 
 def stack_keep(keep: KeepIndices) -> torch.Tensor:
@@ -91,6 +95,7 @@ class ExtremaViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
 
         rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth
+        self.register_buffer("drop_path_rates", torch.tensor(rates), persistent=False)  # (depth,)
         self.blocks = nn.ModuleList(
             Block(
                 embed_dim,
@@ -155,12 +160,16 @@ class ExtremaViT(nn.Module):
             x = x.reshape(b * n, -1).index_select(0, rows.reshape(-1)).view(m * b, k, -1)  # mask-major rows
         return self.pos_drop(x)
 
-    def forward_tokens(self, images: torch.Tensor, keep: KeepIndices | None = None) -> torch.Tensor:
-        """Patch tokens after the self-attention blocks: (B', n, D)."""
-        x = self.embed_tokens(images, keep)
-        for blk in self.blocks:
-            x = blk(x)
-        return x
+    def forward_tokens(
+        self, images: torch.Tensor, keep: KeepIndices | None = None, drops: DropDraws | None = None
+    ) -> torch.Tensor:
+        """Patch tokens after the self-attention blocks: (B', n, D). `drops`: see `DropDraws` (None: timm's
+        DropPath draws from the global RNG, per batch)."""
+        return run_blocks(self.blocks, self.embed_tokens(images, keep), self.drop_path_scales(drops))
+
+    def drop_path_scales(self, drops: DropDraws | None) -> torch.Tensor | None:
+        """Residual multipliers of `drops` for this encoder's rates (None in eval mode or without draws)."""
+        return drop_path_scales(drops, self.drop_path_rates) if self.training else None
 
     def forward_cls(self, tokens: torch.Tensor) -> torch.Tensor:
         """The [cls] output of the class-attention blocks, before the final norm: (B', 1, D)."""
@@ -169,21 +178,50 @@ class ExtremaViT(nn.Module):
             cls = blk(tokens, cls)
         return cls
 
-    def forward_features(self, images: torch.Tensor, keep: KeepIndices | None = None) -> torch.Tensor:
+    def forward_features(
+        self, images: torch.Tensor, keep: KeepIndices | None = None, drops: DropDraws | None = None
+    ) -> torch.Tensor:
         """Un-normed [cls] feature (the linear-probe feature): (B', D)."""
-        return self.forward_cls(self.forward_tokens(images, keep))[:, 0]
+        return self.forward_cls(self.forward_tokens(images, keep, drops))[:, 0]
 
-    def forward(self, images: torch.Tensor, keep: KeepIndices | None = None) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, keep: KeepIndices | None = None, drops: DropDraws | None = None
+    ) -> torch.Tensor:
         """The embedding: the final LayerNorm of the [cls] output, (B', D) with B' = M*B when masked.
 
         LayerNorm acts per token, so norming only the [cls] row equals the reference's norm of
         concat(cls, tokens) followed by taking row 0.
         """
-        return self.norm(self.forward_features(images, keep))
+        return self.norm(self.forward_features(images, keep, drops))
 
     def forward_head(self, embedding: torch.Tensor) -> torch.Tensor:
         """Apply the projector slot (identity for a bare backbone)."""
         return self.head(embedding)
+
+
+def drop_path_scales(drops: DropDraws | None, rates: torch.Tensor) -> torch.Tensor | None:
+    """(B', depth, 2) residual-branch multipliers: 0 where dropped (u < the block's rate), else 1 / keep-probability
+    as timm's DropPath scales. `rates`: (depth,) per-block drop rates."""
+    if drops is None:
+        return None
+    u = drops.reshape(-1, *drops.shape[-2:])  # mask-major rows (M*B, depth, 2)
+    rates = rates.to(u.device)[:, None]  # (depth, 1)
+    return (u >= rates).to(u.dtype) / (1 - rates)
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    """timm Blocks over tokens x (B', n, D). With `scales` (B', depth, 2) each residual branch is multiplied per
+    row by its scale in place of the block's own DropPath (which would draw from the global RNG)."""
+    if scales is None:
+        for blk in blocks:
+            x = blk(x)
+        return x
+    for i, blk in enumerate(blocks):  # timm's Block.forward, with the given keep decisions
+        attn = blk.ls1(blk.attn(blk.norm1(x)))
+        x = x + attn * scales[:, i, 0, None, None].to(attn.dtype)
+        mlp = blk.ls2(blk.mlp(blk.norm2(x)))
+        x = x + mlp * scales[:, i, 1, None, None].to(mlp.dtype)
+    return x
 
 
 def init_linear(module: nn.Linear) -> None:

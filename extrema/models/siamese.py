@@ -15,7 +15,7 @@ from torch import nn
 
 from extrema.ema import ema_update
 from extrema.losses import LOSSES
-from extrema.models.encoder import ExtremaViT, KeepIndices
+from extrema.models.encoder import DropDraws, ExtremaViT, KeepIndices
 from extrema.models.heads import predictor as make_predictor
 from extrema.models.heads import projector as make_projector
 from extrema.models.registry import create_encoder
@@ -61,13 +61,16 @@ class ExtremaModel(nn.Module):
         """What the optimizer trains: student encoder, projector and predictor."""
         return [p for p in self.parameters() if p.requires_grad]
 
-    def forward(self, student_view: torch.Tensor, teacher_view: torch.Tensor, keep: KeepIndices) -> dict:
-        """Loss for one batch. student_view, teacher_view: (B, 3, H, W); keep: (M, B, k) kept indices.
+    def forward(
+        self, student_view: torch.Tensor, teacher_view: torch.Tensor, keep: KeepIndices, drops: DropDraws | None = None
+    ) -> dict:
+        """Loss for one batch. student_view, teacher_view: (B, 3, H, W); keep: (M, B, k) kept indices; drops:
+        the student's per-row stochastic-depth draws (M, B, depth, 2), None = timm's per-batch draws.
 
         Returns {"loss", "pred" (M*B, P), "target" (B, P), "teacher_embedding" (B, D)}.
         """
         enc = self.base_encoder
-        pred = self.predictor(enc.forward_head(enc(student_view, keep)))  # (M*B, P)
+        pred = self.predictor(enc.forward_head(enc(student_view, keep, drops)))  # (M*B, P)
         with torch.no_grad():
             teacher_embedding = self.momentum_encoder(teacher_view)  # (B, D), all tokens
             target = self.momentum_encoder.forward_head(teacher_embedding)  # (B, P)
