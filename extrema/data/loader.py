@@ -22,8 +22,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from extrema.data.device_color import color_views
-from extrema.data.sampler import ResumableDistributedSampler
 from extrema.data.sample_draws import DRAWS_STREAM
+from extrema.data.sampler import ResumableDistributedSampler
 from extrema.data.seeding import sample_seed, seeded_global_rng
 from extrema.data.transforms import CropWithColor
 from extrema.data.workers import ignore_stop_signals, iterate_workers

@@ -19,14 +19,14 @@ from extrema.batching import AUTO, BatchPlan, largest_fitting_micro_batch, plan_
 from extrema.checkpoint import FORMAT, CheckpointError, export_backbone, read_checkpoint
 from extrema.checkpoint import model_state as checkpoint_model_state
 from extrema.config import PretrainConfig
+from extrema.data import ResumableLoader
+from extrema.data.seeding import index_fingerprint
 from extrema.determinism import use_deterministic_kernels
 from extrema.distributed import all_reduce_sum, dist_info, is_distributed, resolve_device
 from extrema.engine.base import FINAL_METRICS, FitResult, StopRequested, run_length
 from extrema.engine.checkpointed import CheckpointedRun, run_checkpoints
 from extrema.engine.divergence import DivergenceGuard
 from extrema.engine.logbook import Logbook, mean_over_ranks, read_metrics_log
-from extrema.data import ResumableLoader
-from extrema.data.seeding import index_fingerprint
 from extrema.engine.pretrain_data import PretrainData
 from extrema.engine.summary import write_json
 from extrema.masking import sample_masks
