@@ -38,7 +38,9 @@ class StepCase:
     arch: str = "vit_small"
     """Encoder size by name."""
     batch: int = 16
-    """Images per step (one process)."""
+    """Images per optimizer step (one process)."""
+    accum_steps: int = 1
+    """Micro-steps the batch is split into (gradient accumulation)."""
     precision: str = "fp32"
     """fp32 or bf16 (autocast, no loss scaler) or fp16 (autocast + scaler)."""
     device: str = "cpu"
@@ -68,7 +70,8 @@ class StepCase:
 
     @property
     def name(self) -> str:
-        return f"{self.arch}/b{self.batch}/{self.precision}/{self.device}" + ("/compile" if self.compile else "")
+        accum = f"/accum{self.accum_steps}" if self.accum_steps > 1 else ""
+        return f"{self.arch}/b{self.batch}{accum}/{self.precision}/{self.device}" + ("/compile" if self.compile else "")
 
 
 def build_trainer(case: StepCase, run_dir: Path):
@@ -86,7 +89,7 @@ def build_trainer(case: StepCase, run_dir: Path):
             proj_dim=case.proj_dim,
         ),
         mask=MaskConfig(ratio=case.mask_ratio, num_masks=case.num_masks),
-        optim=OptimConfig(batch_size=case.batch, epochs=100, warmup_epochs=1),
+        optim=OptimConfig(batch_size=case.batch, accum_steps=case.accum_steps, epochs=100, warmup_epochs=1),
         # log_every_steps: no grad-norm reduction inside the timed steps (as on most steps of a real run).
         run=RunConfig(precision=case.precision, device=case.device, threads=case.threads, log_every_steps=10**9),
         compile=case.compile,

@@ -155,8 +155,20 @@ def _step_section(records: list[dict]) -> tuple[list[str], list[str]]:
         "",
     ]
     targets = []
-    by_key = {(r["arch"], r["precision"], r["device"], r["compile"]): r for r in ok}
+    by_key = {
+        (r["arch"], r["precision"], r["device"], r["compile"], r.get("accum_steps", 1), r["batch"]): r for r in ok
+    }
     for r in ok:
+        accum = r.get("accum_steps", 1)
+        if accum > 1:
+            base = by_key.get((r["arch"], r["precision"], r["device"], r["compile"], 1, r["batch"]))
+            if base:
+                targets.append(
+                    f"- {r['device'].upper()} {r['arch']} {r['precision']} step of {r['batch']} images as {accum} "
+                    f"micro-steps / as one: {_fmt(r['step_s_best'] / base['step_s_best'])} of the time, best of each "
+                    f"(medians: {_fmt(r['step_s_median'] / base['step_s_median'])})"
+                )
+            continue
         if r["device"] == "cpu" and r["precision"] == "fp32" and r["batch"] and not r["compile"]:
             frac = r.get("fraction_of_matmul_fp32_best")
             targets.append(
@@ -173,7 +185,7 @@ def _step_section(records: list[dict]) -> tuple[list[str], list[str]]:
                     f"{_fmt(r['fraction_ceiling'])} of the matmul rate"
                 )
         if r["precision"] == "bf16" and not r["compile"]:
-            base = by_key.get((r["arch"], "fp32", r["device"], False))
+            base = by_key.get((r["arch"], "fp32", r["device"], False, 1, r["batch"]))
             if base:
                 ratio = r["img_per_s_best"] / base["img_per_s_best"]
                 targets.append(

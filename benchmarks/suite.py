@@ -78,6 +78,8 @@ def full_profile(threads: int | None = None) -> SuiteConfig:
         for arch, batch in (("vit_small", 16), ("vit_base", 8))
         for precision in ("fp32", "bf16")
     ]
+    # Gradient accumulation's cost: the same 16 images as 4 micro-steps of 4, beside the whole-batch case above.
+    cases.append(StepCase(arch="vit_small", batch=16, accum_steps=4, threads=threads, warmup=1, steps=4))
     probe_cases = [
         {"arch": "vit_base", "precision": p, "batch": 16, "repeats": 2, "threads": threads} for p in ("fp32", "bf16")
     ]
@@ -129,6 +131,7 @@ def tiny_profile(threads: int | None = None) -> SuiteConfig:
         )
         for p in ("fp32", "bf16")
     ]
+    cases.append(dataclasses.replace(cases[0], accum_steps=2))
     probe = {
         "arch": "vit_nano",
         "precision": "fp32",
