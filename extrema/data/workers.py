@@ -21,6 +21,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import time
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -77,16 +78,31 @@ def iterate_workers(loader: Iterable[T]) -> Iterator[T]:
         batches = iter(loader)
     try:
         yield from batches
-    except RuntimeError as exc:
-        dead = _dead_workers(batches)
+    except (RuntimeError, ConnectionError, EOFError) as exc:
+        # torch's SIGCHLD check can raise before the dead worker is reaped, and a worker killed while the main
+        # process was receiving a batch's shared-memory handles surfaces as a reset connection
+        # (rebuild_storage_fd): wait a moment for an exit status before deciding that no worker died.
+        dead = _dead_workers(batches, wait_s=DEATH_WAIT_S)
         if not dead:
             raise
         raise WorkerDied(f"DataLoader {'; '.join(dead)}") from exc
 
 
-def _dead_workers(batches: object) -> list[str]:
+DEATH_WAIT_S = 5.0
+"""How long a failed iteration waits for a dying worker to show its exit status (an error that is not a worker's
+death, such as a transform's, is re-raised that much later)."""
+
+
+def _dead_workers(batches: object, wait_s: float = 0.0) -> list[str]:
+    workers = list(getattr(batches, "_workers", []))  # torch's multiprocessing iterator
+    deadline = time.monotonic() + wait_s
+    while wait_s and all(w.exitcode is None for w in workers) and time.monotonic() < deadline:
+        try:
+            time.sleep(0.05)
+        except RuntimeError:
+            pass  # torch's SIGCHLD handler raising its own "worker is killed" here: the exit status is near
     dead = []
-    for i, worker in enumerate(getattr(batches, "_workers", [])):  # torch's multiprocessing iterator
+    for i, worker in enumerate(workers):
         code = worker.exitcode
         if code is None or code == 0:
             continue
