@@ -21,8 +21,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import time
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
