@@ -127,8 +127,62 @@ def test_bad_config_values_fail_with_a_message_that_names_them(overrides: list[s
 
 def test_batch_not_divisible_by_ranks(data: Path, tmp_path: Path) -> None:
     cfg = load_launch_config(tiny_overrides(data, tmp_path, "cluster.tasks_per_node=3"))
-    with pytest.raises(ValidationError, match=r"pretrain.optim.batch_size=8 is not divisible by the job's 3 ranks"):
+    with pytest.raises(ValidationError) as err:
         plan_command("pretrain", cfg)
+    message = str(err.value)
+    assert "pretrain.optim.batch_size=8 is not divisible by the 3 ranks" in message
+    assert "e.g. pretrain.optim.batch_size=6" in message  # the multiple of 3 below 8
+    assert "3 ranks = 1 node(s) (cluster.nodes) x cluster.tasks_per_node=3" in message
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        # The tiny preset's pretraining batch is 8: 8 images per rank on 1 rank, 4 on 2 ranks.
+        (
+            ["pretrain.optim.accum_steps=3"],
+            ["pretrain.optim.batch_size=8 over 1 rank(s) is 8 images per rank",
+             "pretrain.optim.accum_steps=3 does not split", "use one of [1, 2, 4, 8]",
+             "1 ranks = 1 node(s) (cluster.nodes) x cluster.tasks_per_node=1"],
+        ),
+        (
+            ["pretrain.optim.accum_steps=8", "cluster.tasks_per_node=2"],
+            ["over 2 rank(s) is 4 images per rank", "pretrain.optim.accum_steps=8", "use one of [1, 2, 4]",
+             "2 ranks = 1 node(s) (cluster.nodes) x cluster.tasks_per_node=2"],
+        ),
+        # The evaluations' batches (16 each) split over their own ranks and accumulations.
+        (["linprobe.accum_steps=3"], ["linprobe.batch_size=16 over 1 rank(s)", "linprobe.accum_steps=3",
+                                      "use one of [1, 2, 4, 8, 16]", "job linprobe has 1 ranks"]),
+        (
+            ["finetune.accum_steps=3", "cluster.eval_nodes=2"],
+            ["finetune.batch_size=16 over 2 rank(s) is 8 images per rank", "finetune.accum_steps=3",
+             "use one of [1, 2, 4, 8]", "2 ranks = 2 node(s) (cluster.eval_nodes) x cluster.tasks_per_node=1"],
+        ),
+        (["fastprobe.batch_size=15", "cluster.tasks_per_node=2"],
+         ["fastprobe.batch_size=15 is not divisible by the 2 ranks", "e.g. fastprobe.batch_size=14"]),
+    ],
+)  # fmt: skip
+def test_impossible_accumulation_split_fails_at_submit_with_the_numbers(
+    data: Path, tmp_path: Path, extra: list[str], expected: list[str]
+) -> None:
+    cfg = load_launch_config(tiny_overrides(data, tmp_path, *extra))
+    with pytest.raises(ValidationError) as err:
+        plan_command("pipeline", cfg)
+    for part in expected:
+        assert part in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["pretrain.optim.accum_steps=4", "cluster.tasks_per_node=2"],  # 8 = 2 ranks x 4 micro-steps x 1 image
+        ["pretrain.optim.accum_steps=auto", "pretrain.run.max_micro_batch=3"],  # auto picks 4 micro-steps of 2
+        ["pretrain.optim.accum_steps=auto"],  # no budget: the node measures it (or 1 on a CPU)
+        ["linprobe.accum_steps=16", "finetune.accum_steps=auto", "finetune.run.max_micro_batch=5"],
+    ],
+)
+def test_possible_accumulation_splits_pass(data: Path, tmp_path: Path, extra: list[str]) -> None:
+    plan_command("pipeline", load_launch_config(tiny_overrides(data, tmp_path, *extra)))
 
 
 @pytest.mark.parametrize("layout", ["missing", "no_val", "empty_classes"])
@@ -203,7 +257,7 @@ def test_dry_run_prints_dag_and_scripts_and_writes_nothing(data: Path, tmp_path:
 def test_cli_reports_bad_input_without_a_traceback(data: Path, tmp_path: Path) -> None:
     proc = run_launch(["pipeline", *tiny_overrides(data, tmp_path, "pretrain.optim.batch_size=9", "cluster.nodes=2")])
     assert proc.returncode == 2, proc.stderr
-    assert "error:" in proc.stdout and "not divisible by the job's 2 ranks" in proc.stdout
+    assert "error:" in proc.stdout and "pretrain.optim.batch_size=9 is not divisible by the 2 ranks" in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
