@@ -12,7 +12,7 @@ import torch
 from extrema.checkpoint import FORMAT, atomic_save
 from extrema.models.siamese import create_model
 from launch.compose import ConfigError, load_launch_config
-from launch.experiment import Experiment, ExperimentConflict, prepare
+from launch.experiment import Experiment, ExperimentConflict, check_ownership, is_amendable, prepare
 from launch.sbatch import batch_script
 from launch.submit import plan_command, run_command
 from launch.validate import ValidationError
@@ -212,6 +212,62 @@ def test_output_folder_of_another_config_is_refused(data: Path, tmp_path: Path) 
     assert "pretrain.mask.ratio: 0.8 -> 0.85" in str(err.value) and "name=tiny_v2" in str(err.value)
     # Where and how it runs is not part of the experiment: another cluster size is the same experiment.
     plan_command("pipeline", load_launch_config(tiny_overrides(data, tmp_path, "cluster.cpus_per_task=1")))
+
+
+def test_world_size_may_change_and_the_micro_step_split_only_with_amend(data: Path, tmp_path: Path) -> None:
+    def config(*extra: str):
+        return load_launch_config(tiny_overrides(data, tmp_path, *extra))
+
+    exp = Experiment.of(config())
+    prepare(exp, config())  # as a first command would
+    # Another allocation keeps the global batch (8) and so the schedule: the same experiment, with or without
+    # pipeline.amend, nothing recorded as an amendment; the job is planned on the new size.
+    for extra, ranks in ((["cluster.nodes=2"], 2), (["cluster.tasks_per_node=2"], 2), (["pipeline.amend=true"], 1)):
+        cfg = config(*extra)
+        assert check_ownership(exp, cfg) == []
+        _, planned, _ = plan_command("pretrain", cfg)
+        assert planned[0].node.nodes * cfg.cluster.tasks_per_node == ranks
+    # How each rank splits its share into micro-steps: refused without amend (with the hint), taken with it.
+    split = ("pretrain.optim.accum_steps=2", "pretrain.run.max_micro_batch=4", "linprobe.accum_steps=auto")
+    with pytest.raises(ExperimentConflict) as err:
+        plan_command("pipeline", config(*split, "cluster.nodes=2"))
+    changes = [
+        "linprobe.accum_steps: 1 -> 'auto'",
+        "pretrain.optim.accum_steps: 1 -> 2",
+        "pretrain.run.max_micro_batch: None -> 4",
+    ]
+    assert all(change in str(err.value) for change in changes), str(err.value)
+    assert "add pipeline.amend=true" in str(err.value)
+    amended = config(*split, "cluster.nodes=2", "pipeline.amend=true")
+    _, planned, _ = plan_command("pipeline", amended)
+    assert planned[0].node.nodes == 2 and planned[0].node.config.optim.accum_steps == 2
+    prepare(exp, amended)
+    assert exp.manifest.read()["amendments"][-1]["changes"] == changes
+    # The global batch fixes the schedule and the lr: it stays the experiment's, amend or not.
+    for extra in ((), ("pipeline.amend=true",)):
+        with pytest.raises(ExperimentConflict) as err:
+            plan_command("pretrain", config(*split, "pretrain.optim.batch_size=16", *extra))
+        assert "pretrain.optim.batch_size: 8 -> 16" in str(err.value)
+        assert "add pipeline.amend=true" not in str(err.value)
+    assert "lets only" in str(err.value) and "not pretrain.optim.batch_size" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "key, amendable",
+    [
+        ("pretrain.optim.accum_steps", True),
+        ("linprobe.accum_steps", True),
+        ("finetune.accum_steps", True),
+        ("pretrain.run.max_micro_batch", True),
+        ("fastprobe.run.max_micro_batch", True),
+        ("pretrain.optim.batch_size", False),
+        ("linprobe.batch_size", False),
+        ("finetune.batch_size", False),
+        ("pretrain.model.accum_steps", False),  # a leaf's name elsewhere in the tree is not the setting
+    ],
+)
+def test_amendable_keys(key: str, amendable: bool) -> None:
+    assert is_amendable(key) is amendable
 
 
 def _write_pretrain_checkpoint(path: Path, arch: str) -> Path:
