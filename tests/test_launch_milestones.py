@@ -111,7 +111,7 @@ def test_local_pipeline_evaluates_every_milestone_once(data: Path, tmp_path: Pat
     markdown = to_markdown(rows)
     assert markdown.splitlines()[0].startswith("| experiment | name | pretrain data | epochs |")
     knn4, top4 = metrics["fastprobe_step4"]["results"]["knn"]["top1"], metrics["fastprobe_step4"]["results"]["top1"]
-    row4 = f"| tiny@step4 | vit_nano | tiny | 2 | 80%x5 | yes | - | - | - | - | - | {knn4:.1f} | {top4:.1f} | 0 |"
+    row4 = f"| tiny@step4 | vit_nano | tiny | 2 | 80%x5 | yes | - | - | - | - | - | {knn4:.1f} | {top4:.1f} | 0 | - |"
     assert row4 in markdown.splitlines()
 
     console = Console(record=True, width=250, file=io.StringIO())
