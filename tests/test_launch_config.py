@@ -58,6 +58,42 @@ def test_presets_equal_the_published_command(preset: str) -> None:
         assert (task.model.arch, task.model.patch_size, task.model.img_size) == ("vit_base", 16, 224)
 
 
+def _readme_recipe_commands() -> list[list[str]]:
+    """The overrides of each `make pretrain ARGS="..."` line of the README's section on fewer GPUs."""
+    import shlex
+
+    from tests.launch_fixtures import REPO
+
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("### The published recipe on 1, 2 or 4 GPUs", 1)[1].split("```bash", 1)[1]
+    lines = re.sub(r"\\\n\s*", " ", section.split("```", 1)[0]).splitlines()
+    return [shlex.split(re.match(r'make pretrain ARGS="([^"]*)"', line).group(1)) for line in lines if "make" in line]
+
+
+def test_the_readme_recipe_on_fewer_gpus_keeps_the_global_batch(tmp_path: Path) -> None:
+    from extrema.batching import plan_batch
+    from launch.dag import build_dag
+    from launch.validate import check_batch_divisible
+
+    commands = _readme_recipe_commands()
+    recipe = load_launch_config(["experiment=vitb_80x5_color"]).pretrain
+    splits = []
+    for overrides in commands:
+        cfg = load_launch_config([*overrides, f"root={tmp_path}"])
+        check_batch_divisible(cfg, build_dag(cfg, "pretrain", Experiment.of(cfg)))
+        p = cfg.pretrain
+        plan = plan_batch(
+            p.optim.batch_size, cfg.cluster.ranks, p.optim.accum_steps, max_micro_batch=p.run.max_micro_batch
+        )
+        splits.append((plan.world_size, plan.accum_steps, plan.micro_batch))
+        # The recipe's schedule and peak lr (base_lr x batch / 256): the preset's global batch, base lr and epochs.
+        assert (p.optim.batch_size, p.optim.base_lr, p.optim.epochs) == (2048, recipe.optim.base_lr, 300)
+    assert splits == [(4, 2, 256), (2, 4, 256), (1, 8, 256), (4, 2, 256)]  # as the README's comments say
+    # The last command's "auto" with its 256-image budget picks 4 micro-steps on 2 GPUs and 8 on 1, as the README says.
+    assert "pretrain.optim.accum_steps=auto" in commands[-1] and "pretrain.run.max_micro_batch=256" in commands[-1]
+    assert [plan_batch(2048, gpus, "auto", max_micro_batch=256).accum_steps for gpus in (2, 1)] == [4, 8]
+
+
 def test_every_cluster_knob_reaches_the_batch_script(tmp_path: Path) -> None:
     overrides = [
         "experiment=vitb_80x5_color",
