@@ -5,11 +5,10 @@ ordinary job of the DAG: its own run folder, manifest entry, `afterok` on pretra
 idempotent re-run as every other job. The steps are K, 2K, ... below the schedule's last step (the final
 checkpoint has the pipeline's own evaluations). The last step is computed as the trainer computes it:
 epochs x full global batches (`extrema.engine.pretrain_data.steps_per_epoch`, whatever the ranks), capped by
-run.max_steps; the image count comes from the same file-list scan
-and cache (`extrema.data.filelist`) the pretraining job uses, so on a large dataset the job then reads the
-cache instead of scanning again. Each job names its exact checkpoint file: if the data change before
-pretraining starts and a milestone is never saved, that evaluation fails with "does not exist" instead of
-evaluating another step.
+run.max_steps; the image count comes from the same file-list scan and cache (`extrema.data.filelist`) the
+pretraining job uses, so on a large dataset the job then reads the cache instead of scanning again. Each job
+names its exact checkpoint file: if the data change before pretraining starts and a milestone is never saved,
+that evaluation fails with "does not exist" instead of evaluating another step.
 """
 
 from __future__ import annotations

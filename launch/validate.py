@@ -64,7 +64,7 @@ def check_batch_divisible(cfg: LaunchConfig, nodes: list[JobNode]) -> None:
         except ValueError as exc:
             nodes_key = "cluster.nodes" if node.task == "pretrain" else "cluster.eval_nodes"
             raise ValidationError(
-                f"{exc} (job {node.name} has {ranks} ranks = {node.nodes} node(s) ({nodes_key}) x "
+                f"{exc} (job {node.name} has {ranks} rank(s) = {node.nodes} node(s) ({nodes_key}) x "
                 f"cluster.tasks_per_node={tasks_per_node})"
             ) from None
 

@@ -168,7 +168,7 @@ def test_batch_not_divisible_by_ranks(data: Path, tmp_path: Path) -> None:
     message = str(err.value)
     assert "pretrain.optim.batch_size=8 is not divisible by the 3 ranks" in message
     assert "e.g. pretrain.optim.batch_size=6" in message  # the multiple of 3 below 8
-    assert "3 ranks = 1 node(s) (cluster.nodes) x cluster.tasks_per_node=3" in message
+    assert "3 rank(s) = 1 node(s) (cluster.nodes) x cluster.tasks_per_node=3" in message
 
 
 @pytest.mark.parametrize(
@@ -179,20 +179,20 @@ def test_batch_not_divisible_by_ranks(data: Path, tmp_path: Path) -> None:
             ["pretrain.optim.accum_steps=3"],
             ["pretrain.optim.batch_size=8 over 1 rank(s) is 8 images per rank",
              "pretrain.optim.accum_steps=3 does not split", "use one of [1, 2, 4, 8]",
-             "1 ranks = 1 node(s) (cluster.nodes) x cluster.tasks_per_node=1"],
+             "1 rank(s) = 1 node(s) (cluster.nodes) x cluster.tasks_per_node=1"],
         ),
         (
             ["pretrain.optim.accum_steps=8", "cluster.tasks_per_node=2"],
             ["over 2 rank(s) is 4 images per rank", "pretrain.optim.accum_steps=8", "use one of [1, 2, 4]",
-             "2 ranks = 1 node(s) (cluster.nodes) x cluster.tasks_per_node=2"],
+             "2 rank(s) = 1 node(s) (cluster.nodes) x cluster.tasks_per_node=2"],
         ),
         # The evaluations' batches (16 each) split over their own ranks and accumulations.
         (["linprobe.accum_steps=3"], ["linprobe.batch_size=16 over 1 rank(s)", "linprobe.accum_steps=3",
-                                      "use one of [1, 2, 4, 8, 16]", "job linprobe has 1 ranks"]),
+                                      "use one of [1, 2, 4, 8, 16]", "job linprobe has 1 rank(s)"]),
         (
             ["finetune.accum_steps=3", "cluster.eval_nodes=2"],
             ["finetune.batch_size=16 over 2 rank(s) is 8 images per rank", "finetune.accum_steps=3",
-             "use one of [1, 2, 4, 8]", "2 ranks = 2 node(s) (cluster.eval_nodes) x cluster.tasks_per_node=1"],
+             "use one of [1, 2, 4, 8]", "2 rank(s) = 2 node(s) (cluster.eval_nodes) x cluster.tasks_per_node=1"],
         ),
         (["fastprobe.batch_size=15", "cluster.tasks_per_node=2"],
          ["fastprobe.batch_size=15 is not divisible by the 2 ranks", "e.g. fastprobe.batch_size=14"]),
