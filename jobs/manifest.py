@@ -10,7 +10,8 @@ Layout (paths are relative to the experiment folder so the folder can be moved):
     {"version": 1, "name": ..., "config_hash": ..., "created": ...,
      "jobs": {"pretrain": {"task", "run_dir", "config", "depends_on": [...], "backend", "job_id",
                            "submissions": [{"job_id", "time"}], "state", "reason",
-                           "attempts": [{"n", "job_id", "start", "end", "cause", ...}]}, ...}}
+                           "attempts": [{"n", "job_id", "start", "end", "cause", "batch", ...}]}, ...}}
+    where an attempt's "batch" is its trainer's split of the global batch (extrema.batching.BatchPlan.as_dict()).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ in-process):
    nothing and exits with EXIT_CRASHED: on SLURM the batch shell then requeues the job within its crash
    budget (`jobs.after_step`).
 
-Rank 0 records each attempt (start, cause, steps, start-up time) in the experiment manifest.
+Rank 0 records each attempt (start, batch split, cause, steps, start-up time) in the experiment manifest.
 """
 
 from __future__ import annotations
@@ -353,6 +353,9 @@ class _Attempt:
         prepare_deterministic_environment(cfg.run.deterministic)  # before joining the group initialises CUDA
         _join_process_group(cfg, self.place)
         trainer = task.trainer_cls()(cfg, self.spec.run_dir)
+        if self.manifest is not None and self.number is not None:
+            # Before resuming: an attempt whose resume fails shows the split it was given.
+            self.manifest.update_attempt(self.spec.name, self.number, **batch_fields(trainer))
         trainer.resume()
         resumed_step = getattr(trainer, "step", None)
         if self.manifest is not None and self.number is not None:
@@ -450,6 +453,14 @@ class _Attempt:
         if self.manifest is not None:
             self.manifest.update_job(self.spec.name, state="FAILED", reason=reason)
             cancel_dependents(self.manifest, self.spec.name, f"{self.spec.name} failed: {reason}")
+
+
+def batch_fields(trainer: Any) -> dict[str, Any]:
+    """The attempt record's `batch`: how the trainer splits its global batch (`BatchPlan.as_dict()`: global_batch,
+    world_size, accum_steps, per_rank, micro_batch), which may differ between attempts (another allocation, an
+    amended accum_steps); empty for a trainer without a plan (the fast probe)."""
+    plan = getattr(trainer, "batch_plan", None)
+    return {"batch": plan.as_dict()} if plan is not None else {}
 
 
 def cancel_dependents(manifest: Manifest, name: str, reason: str) -> list[str]:

@@ -26,12 +26,26 @@ from jobs.manifest import Manifest, now_iso
 from jobs.runner import JobSpec
 from launch.schema import ClusterConfig, LaunchConfig
 
-# Keys that say where and how a run executes, not what it computes: changing them keeps the experiment.
+# Keys that say where and how a run executes, not what it computes: changing them keeps the experiment. The
+# cluster's size is among them: a job resumes on another number of ranks with the same global batch, its sampler
+# at the saved global position (pretraining with the same per-image draws; evaluations re-seed their streams).
 _NOT_IDENTITY = ("name", "root", "cluster", "pipeline")
 # Settings a job may take up when it resumes without changing what its checkpoints hold: learning rates,
-# clipping, precision, and the logging and saving cadence (`<task>.<leaf>`, `<task>.optim.<leaf>` or
-# `<task>.run.<leaf>`). They change only with `pipeline.amend=true`, e.g. to continue a diverged run.
-AMENDABLE_LEAVES = ("base_lr", "min_lr", "clip_grad", "precision", "log_every_steps", "save_every_steps", "keep_last")
+# clipping, precision, the logging and saving cadence, and how a rank splits its share of the global batch
+# into micro-steps (the global batch, optim.batch_size / batch_size, fixes the schedule and stays fixed)
+# (`<task>.<leaf>`, `<task>.optim.<leaf>` or `<task>.run.<leaf>`). They change only with
+# `pipeline.amend=true`, e.g. to continue a diverged run, or on GPUs with less memory.
+AMENDABLE_LEAVES = (
+    "base_lr",
+    "min_lr",
+    "clip_grad",
+    "precision",
+    "log_every_steps",
+    "save_every_steps",
+    "keep_last",
+    "accum_steps",
+    "max_micro_batch",
+)
 
 
 class ExperimentConflict(ValueError):
@@ -130,7 +144,8 @@ def check_ownership(exp: Experiment, cfg: LaunchConfig) -> list[str]:
     if not fixed:
         hint += (
             "\nThese settings may change when jobs resume (e.g. to continue a run that stopped with TrainingDiverged "
-            "from its last good checkpoint): add pipeline.amend=true."
+            "from its last good checkpoint, or to split the same global batch into other micro-steps): add "
+            "pipeline.amend=true."
         )
     elif cfg.pipeline.amend:
         hint += f"\npipeline.amend=true lets only {', '.join(AMENDABLE_LEAVES)} change; not {', '.join(fixed[:6])}."

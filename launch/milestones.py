@@ -4,11 +4,11 @@ Design: the milestone steps are fixed when the command is typed, so each (milest
 ordinary job of the DAG: its own run folder, manifest entry, `afterok` on pretraining, and the same
 idempotent re-run as every other job. The steps are K, 2K, ... below the schedule's last step (the final
 checkpoint has the pipeline's own evaluations). The last step is computed as the trainer computes it:
-epochs x full batches per rank, capped by run.max_steps; the image count comes from the same file-list scan
-and cache (`extrema.data.filelist`) the pretraining job uses, so on a large dataset the job then reads the
-cache instead of scanning again. Each job names its exact checkpoint file: if the data change before
-pretraining starts and a milestone is never saved, that evaluation fails with "does not exist" instead of
-evaluating another step.
+epochs x full global batches (`extrema.engine.pretrain_data.steps_per_epoch`, whatever the ranks), capped by
+run.max_steps; the image count comes from the same file-list scan and cache (`extrema.data.filelist`) the
+pretraining job uses, so on a large dataset the job then reads the cache instead of scanning again. Each job
+names its exact checkpoint file: if the data change before pretraining starts and a milestone is never saved,
+that evaluation fails with "does not exist" instead of evaluating another step.
 """
 
 from __future__ import annotations
@@ -35,18 +35,16 @@ def parse_milestone_job(name: str) -> tuple[str, int] | None:
 
 
 def pretrain_total_steps(cfg: LaunchConfig) -> int:
-    """Optimizer steps the pretraining job will run (the trainer's `total_steps`)."""
-    from extrema.data import ResumableDistributedSampler, split_root
+    """Optimizer steps the pretraining job will run (the trainer's `total_steps`), on any number of ranks."""
+    from extrema.data import split_root
     from extrema.data.filelist import load_or_scan
     from extrema.engine.base import run_length
+    from extrema.engine.pretrain_data import steps_per_epoch
 
     p = cfg.pretrain
     files, _ = load_or_scan(split_root(p.data.root, "train"), p.data.cache_dir)
-    ranks = cfg.cluster.ranks
-    # The pretraining loader keeps full batches only (drop_last), like its sampler.
-    per_rank = ResumableDistributedSampler(len(files), ranks).samples_per_rank
-    steps_per_epoch = per_rank // (p.optim.batch_size // ranks)
-    return run_length(p.optim.epochs * steps_per_epoch, p.run.max_steps)
+    # extrema's own count, so that the milestones follow the sampler if its arithmetic ever changes.
+    return run_length(p.optim.epochs * steps_per_epoch(len(files), p.optim.batch_size), p.run.max_steps)
 
 
 def milestone_steps(every: int, total_steps: int) -> list[int]:

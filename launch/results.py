@@ -1,13 +1,16 @@
 """`python -m launch results [ROOT]`: every experiment under a root in one table with the published
 columns (name, pretrain data, epochs, masking, color-aug, wall time, linear, finetune) plus GPU-hours,
-requeues, kNN, the fast probe's estimate of the linear probe ("linear (fast est.)"), and how many times
+requeues, kNN, the fast probe's estimate of the linear probe ("linear (fast est.)"), how many times
 the experiment's settings were amended (`pipeline.amend=true`: its runs then mixed settings; `status`
-lists the changes). Writes Markdown and CSV and prints a rich table.
+lists the changes), and the pretraining's global batch with how its attempts split it ("batch":
+`2048 (16x1x128; 8x2x128)` = ranks x accumulation micro-steps x images per micro-step, one entry per change
+between attempts). Writes Markdown and CSV and prints a rich table.
 
 A metric that does not exist (an evaluation that has not run or failed) is shown as missing ("-"),
 never as 0. Wall time sums every attempt of the pretraining job. Evaluations of milestone checkpoints
 (`pipeline.eval_every_steps`) add one row per step below their experiment's, named `<experiment>@step<N>`,
-with the evaluation columns filled and the pretraining's time and requeues left missing (they are the row above).
+with the evaluation columns filled and the pretraining's time, requeues and batch left missing (they are the row
+above).
 """
 
 from __future__ import annotations
@@ -26,12 +29,12 @@ from rich.table import Table
 from jobs.manifest import Manifest
 from launch.milestones import parse_milestone_job
 from launch.progress import read_final_metrics
-from launch.status import JobStatus, collect, find_experiments, format_duration
+from launch.status import JobStatus, batch_split, collect, find_experiments, format_duration
 
 MISSING = "-"
 COLUMNS = (
     "experiment", "name", "pretrain data", "epochs", "masking", "color-aug", "wall time",
-    "linear", "finetune", "GPU-hours", "requeues", "kNN", "linear (fast est.)", "amended",
+    "linear", "finetune", "GPU-hours", "requeues", "kNN", "linear (fast est.)", "amended", "batch",
 )  # fmt: skip
 _MODEL_NAMES = {"vit_tiny": "ViT-Tiny", "vit_small": "ViT-Small", "vit_base": "ViT-Base", "vit_large": "ViT-Large"}
 
@@ -58,6 +61,8 @@ class ResultRow:
     """Pretraining step of the evaluated milestone checkpoint; None = the final checkpoint."""
     amendments: int = 0
     """How many commands changed the experiment's settings under `pipeline.amend=true`."""
+    batch: str | None = None
+    """The pretraining's global batch and its attempts' splits (`batch_summary`); None = no attempt recorded one."""
 
     def cells(self) -> list[str]:
         """The row as text, in COLUMNS order."""
@@ -80,6 +85,7 @@ class ResultRow:
             num(self.knn, ".1f"),
             num(self.fast_probe, ".1f"),
             str(self.amendments),
+            self.batch or MISSING,
         ]
 
 
@@ -137,8 +143,23 @@ def experiment_row(experiment_dir: Path, data: dict | None = None) -> ResultRow:
         gpu_hours=None if wall_s is None else wall_s / 3600 * gpus,
         requeues=pretrain_status.requeues if pretrain_status else None,
         amendments=len(data.get("amendments", [])),
+        batch=batch_summary(pretrain_status.attempts) if pretrain_status else None,
         **_evaluation_columns(metrics("linprobe"), metrics("finetune"), metrics("fastprobe")),
     )
+
+
+def batch_summary(attempts: list[dict]) -> str | None:
+    """`2048 (16x1x128; 8x2x128)`: the global batch and each split (ranks x micro-steps x micro-batch) in the
+    order the attempts ran it, a split repeated by the next attempt shown once; `2048 (16x1x128)` when all agree.
+    Attempts without a record (begun before their trainer was built, or by an older version) are skipped;
+    None when none has one."""
+    plans = [a["batch"] for a in attempts if a.get("batch")]
+    runs: list[dict] = [p for i, p in enumerate(plans) if i == 0 or p != plans[i - 1]]
+    if not runs:
+        return None
+    if len({p["global_batch"] for p in runs}) > 1:  # the global batch is not amendable; show it if it happened
+        return "; ".join(f"{p['global_batch']} ({batch_split(p)})" for p in runs)
+    return f"{runs[0]['global_batch']} ({'; '.join(batch_split(p) for p in runs)})"
 
 
 def milestone_rows(experiment_dir: Path, final: ResultRow, jobs: dict[str, dict]) -> list[ResultRow]:
@@ -154,7 +175,11 @@ def milestone_rows(experiment_dir: Path, final: ResultRow, jobs: dict[str, dict]
     for step in sorted(by_step):
         m = by_step[step]
         columns = _evaluation_columns(m.get("linprobe"), m.get("finetune"), m.get("fastprobe"))
-        rows.append(dataclasses.replace(final, step=step, wall_time_s=None, gpu_hours=None, requeues=None, **columns))
+        rows.append(
+            dataclasses.replace(
+                final, step=step, wall_time_s=None, gpu_hours=None, requeues=None, batch=None, **columns
+            )
+        )
     return rows
 
 

@@ -151,10 +151,12 @@ class PipelineConfig:
     """Evaluations of each milestone checkpoint (fastprobe includes kNN; linprobe and finetune cost as much
     as the final ones)."""
     amend: bool = False
-    """Let this command change an existing experiment's learning rates, clip_grad, precision or logging/saving
-    cadence: jobs that are submitted again resume from their checkpoints with the new values (e.g. after
-    TrainingDiverged), and the manifest records the change. Refused while an affected job is queued or running,
-    or when it already completed."""
+    """Let this command change an existing experiment's learning rates, clip_grad, precision, logging/saving
+    cadence, accum_steps or run.max_micro_batch (never a global batch): jobs that are submitted again resume
+    from their checkpoints with the new values (e.g. after TrainingDiverged, or on GPUs with less memory), and
+    the manifest records the change. Refused while an affected job is queued or running, or when it already
+    completed. The cluster's size (cluster.nodes, tasks_per_node, gpus_per_node) is not part of the experiment:
+    it may change between submissions without this flag."""
 
     def __post_init__(self) -> None:
         for key in ("evaluations", "milestone_evaluations"):

@@ -1,5 +1,6 @@
 """`python -m launch status [EXPERIMENT_DIR | ROOT]`: every job's state, attempts and their causes,
-elapsed time, nodes, last step/epoch and loss, and ETA.
+elapsed time, nodes, last step/epoch and loss, and ETA; per attempt also how it split the global batch
+(`2048 = 2 ranks x 4 x 256`: ranks x accumulation micro-steps x images per micro-step).
 
 States come from `sacct` (every attempt), or from squeue/scontrol when accounting is unavailable, or
 from the manifest for local jobs and jobs SLURM has forgotten.
@@ -137,7 +138,8 @@ def attempts_table(rows: list[JobStatus]) -> Table:
     """Every attempt of every job with how it ended and why, and the steps it trained that the next attempt
     had to train again (lost: reached here, not in the checkpoint the next attempt resumed from)."""
     table = Table(title="attempts", title_justify="left")
-    for column in ("job", "#", "job id", "start", "end", "cause", "detail", "steps", "lost", "start-up"):
+    columns = ("job", "#", "job id", "start", "end", "cause", "detail", "steps", "lost", "start-up", "batch")
+    for column in columns:
         table.add_column(column, overflow="fold")
     for r in rows:
         for a, following in zip(r.attempts, [*r.attempts[1:], None], strict=True):
@@ -157,8 +159,20 @@ def attempts_table(rows: list[JobStatus]) -> Table:
                 steps,
                 _lost(a, following),
                 "-" if startup is None else f"{startup:.1f}s",
+                "-" if not a.get("batch") else describe_batch(a["batch"]),
             )
     return table
+
+
+def batch_split(plan: dict) -> str:
+    """An attempt's `batch` record (BatchPlan.as_dict()) as ranks x micro-steps x micro-batch: '8x2x128'."""
+    return f"{plan['world_size']}x{plan['accum_steps']}x{plan['micro_batch']}"
+
+
+def describe_batch(plan: dict) -> str:
+    """An attempt's `batch` record in words: '2048 = 2 ranks x 4 x 256' (global = ranks x micro-steps x images)."""
+    ranks = f"{plan['world_size']} rank{'' if plan['world_size'] == 1 else 's'}"
+    return f"{plan['global_batch']} = {ranks} x {plan['accum_steps']} x {plan['micro_batch']}"
 
 
 def steps_lost(attempt: dict, following: dict | None) -> int | None:

@@ -11,6 +11,7 @@ import logging
 import random
 from pathlib import Path
 
+from extrema.batching import AccumSetting, plan_batch
 from extrema.data import decode_image
 from extrema.data.filelist import FileList, load_or_scan
 from extrema.engine.eval_common import check_same_classes
@@ -26,19 +27,46 @@ class ValidationError(ValueError):
     """A config that would fail on the cluster; the message says what and how to fix it."""
 
 
+def job_batch_keys(node: JobNode) -> tuple[int, AccumSetting, str, str]:
+    """(global batch, accumulation, batch key, accumulation key) of a job, the keys as a user types them.
+
+    The fast probe trains its heads on cached features in one pass per step: its batch only has to split over
+    the ranks (accumulation 1; it has no accum_steps key).
+    """
+    t = node.task
+    if t == "pretrain":
+        o = node.config.optim
+        return o.batch_size, o.accum_steps, f"{t}.optim.batch_size", f"{t}.optim.accum_steps"
+    accum = 1 if t == "fastprobe" else node.config.accum_steps
+    return node.config.batch_size, accum, f"{t}.batch_size", f"{t}.accum_steps"
+
+
 def check_batch_divisible(cfg: LaunchConfig, nodes: list[JobNode]) -> None:
-    """Global batches must split evenly over the ranks of the job that uses them."""
-    c = cfg.cluster
+    """Each job's global batch must split evenly over its ranks and then its accumulation's micro-steps: the
+    same `plan_batch` the trainer runs on the node, so an impossible split fails here, before queueing.
+
+    With accum_steps=auto and no run.max_micro_batch a GPU job measures its micro-batch on the node; here only
+    the split over ranks can be checked (any per-rank batch has an accumulation that divides it).
+    """
+    tasks_per_node = cfg.cluster.tasks_per_node
     for node in nodes:
-        ranks = node.nodes * c.tasks_per_node
-        key = "optim.batch_size" if node.task == "pretrain" else "batch_size"
-        batch = node.config.optim.batch_size if node.task == "pretrain" else node.config.batch_size
-        if batch % ranks:
-            raise ValidationError(
-                f"{node.name}.{key}={batch} is not divisible by the job's {ranks} ranks "
-                f"({node.nodes} node(s) x cluster.tasks_per_node={c.tasks_per_node}); "
-                f"use a multiple of {ranks}, e.g. {node.task}.{key}={max(ranks, batch - batch % ranks)}"
+        ranks = node.nodes * tasks_per_node
+        batch, accum, batch_key, accum_key = job_batch_keys(node)
+        try:
+            plan_batch(
+                batch,
+                ranks,
+                accum,
+                max_micro_batch=node.config.run.max_micro_batch,
+                batch_key=batch_key,
+                accum_key=accum_key,
             )
+        except ValueError as exc:
+            nodes_key = "cluster.nodes" if node.task == "pretrain" else "cluster.eval_nodes"
+            raise ValidationError(
+                f"{exc} (job {node.name} has {ranks} rank(s) = {node.nodes} node(s) ({nodes_key}) x "
+                f"cluster.tasks_per_node={tasks_per_node})"
+            ) from None
 
 
 def check_data_folder(

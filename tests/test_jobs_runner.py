@@ -111,3 +111,32 @@ def test_real_error_fails_the_job_and_cancels_its_dependents(data: Path, tmp_pat
     for name in ("linprobe", "finetune"):
         assert jobs[name]["state"] == "CANCELLED"
         assert jobs[name]["reason"].startswith("dependency pretrain failed: CheckpointError")
+
+
+def test_each_attempt_records_its_batch_split(data: Path, tmp_path: Path) -> None:
+    exp, run_dir = Manifest(tmp_path / "exp"), tmp_path / "run"
+    # Attempt 1 stops at step 4 of the tiny schedule (32 images / 8 = 4 steps per epoch, 2 epochs); attempt 2
+    # resumes it with the same global batch of 8 split into 2 micro-steps (as `pipeline.amend=true` allows).
+    for extra in (["pretrain.run.max_steps=4"], ["pretrain.run.max_steps=8", "pretrain.optim.accum_steps=2"]):
+        config = _pretrain_config(data, tmp_path / "pretrain.yaml", *extra)
+        spec = JobSpec("pretrain", str(config), str(run_dir), experiment_dir=str(exp.experiment_dir))
+        assert run_attempt(spec).status == "finished"
+    attempts = exp.job("pretrain")["attempts"]
+    assert [a["resumed_step"] for a in attempts] == [0, 4]
+    assert [a["batch"] for a in attempts] == [
+        {"global_batch": 8, "world_size": 1, "accum_steps": 1, "per_rank": 8, "micro_batch": 8},
+        {"global_batch": 8, "world_size": 1, "accum_steps": 2, "per_rank": 8, "micro_batch": 4},
+    ]
+
+
+def test_a_trainer_without_a_batch_plan_records_none() -> None:
+    from types import SimpleNamespace
+
+    from extrema.batching import BatchPlan
+    from jobs.runner import batch_fields
+
+    assert batch_fields(SimpleNamespace(step=0)) == {}  # the fast probe: features cached, heads on full batches
+    plan = BatchPlan(global_batch=2048, world_size=8, accum_steps=2)
+    assert batch_fields(SimpleNamespace(batch_plan=plan)) == {
+        "batch": {"global_batch": 2048, "world_size": 8, "accum_steps": 2, "per_rank": 256, "micro_batch": 128}
+    }

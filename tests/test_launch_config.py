@@ -12,7 +12,7 @@ import torch
 from extrema.checkpoint import FORMAT, atomic_save
 from extrema.models.siamese import create_model
 from launch.compose import ConfigError, load_launch_config
-from launch.experiment import Experiment, ExperimentConflict, prepare
+from launch.experiment import Experiment, ExperimentConflict, check_ownership, is_amendable, prepare
 from launch.sbatch import batch_script
 from launch.submit import plan_command, run_command
 from launch.validate import ValidationError
@@ -56,6 +56,42 @@ def test_presets_equal_the_published_command(preset: str) -> None:
     assert (cfg.finetune.batch_size, cfg.finetune.layer_decay, cfg.finetune.model.drop_path_rate) == (1024, 0.65, 0.2)
     for task in (cfg.linprobe, cfg.fastprobe, cfg.finetune):
         assert (task.model.arch, task.model.patch_size, task.model.img_size) == ("vit_base", 16, 224)
+
+
+def _readme_recipe_commands() -> list[list[str]]:
+    """The overrides of each `make pretrain ARGS="..."` line of the README's section on fewer GPUs."""
+    import shlex
+
+    from tests.launch_fixtures import REPO
+
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("### The published recipe on 1, 2 or 4 GPUs", 1)[1].split("```bash", 1)[1]
+    lines = re.sub(r"\\\n\s*", " ", section.split("```", 1)[0]).splitlines()
+    return [shlex.split(re.match(r'make pretrain ARGS="([^"]*)"', line).group(1)) for line in lines if "make" in line]
+
+
+def test_the_readme_recipe_on_fewer_gpus_keeps_the_global_batch(tmp_path: Path) -> None:
+    from extrema.batching import plan_batch
+    from launch.dag import build_dag
+    from launch.validate import check_batch_divisible
+
+    commands = _readme_recipe_commands()
+    recipe = load_launch_config(["experiment=vitb_80x5_color"]).pretrain
+    splits = []
+    for overrides in commands:
+        cfg = load_launch_config([*overrides, f"root={tmp_path}"])
+        check_batch_divisible(cfg, build_dag(cfg, "pretrain", Experiment.of(cfg)))
+        p = cfg.pretrain
+        plan = plan_batch(
+            p.optim.batch_size, cfg.cluster.ranks, p.optim.accum_steps, max_micro_batch=p.run.max_micro_batch
+        )
+        splits.append((plan.world_size, plan.accum_steps, plan.micro_batch))
+        # The recipe's schedule and peak lr (base_lr x batch / 256): the preset's global batch, base lr and epochs.
+        assert (p.optim.batch_size, p.optim.base_lr, p.optim.epochs) == (2048, recipe.optim.base_lr, 300)
+    assert splits == [(4, 2, 256), (2, 4, 256), (1, 8, 256), (4, 2, 256)]  # as the README's comments say
+    # The last command's "auto" with its 256-image budget picks 4 micro-steps on 2 GPUs and 8 on 1, as the README says.
+    assert "pretrain.optim.accum_steps=auto" in commands[-1] and "pretrain.run.max_micro_batch=256" in commands[-1]
+    assert [plan_batch(2048, gpus, "auto", max_micro_batch=256).accum_steps for gpus in (2, 1)] == [4, 8]
 
 
 def test_every_cluster_knob_reaches_the_batch_script(tmp_path: Path) -> None:
@@ -127,8 +163,62 @@ def test_bad_config_values_fail_with_a_message_that_names_them(overrides: list[s
 
 def test_batch_not_divisible_by_ranks(data: Path, tmp_path: Path) -> None:
     cfg = load_launch_config(tiny_overrides(data, tmp_path, "cluster.tasks_per_node=3"))
-    with pytest.raises(ValidationError, match=r"pretrain.optim.batch_size=8 is not divisible by the job's 3 ranks"):
+    with pytest.raises(ValidationError) as err:
         plan_command("pretrain", cfg)
+    message = str(err.value)
+    assert "pretrain.optim.batch_size=8 is not divisible by the 3 ranks" in message
+    assert "e.g. pretrain.optim.batch_size=6" in message  # the multiple of 3 below 8
+    assert "3 rank(s) = 1 node(s) (cluster.nodes) x cluster.tasks_per_node=3" in message
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        # The tiny preset's pretraining batch is 8: 8 images per rank on 1 rank, 4 on 2 ranks.
+        (
+            ["pretrain.optim.accum_steps=3"],
+            ["pretrain.optim.batch_size=8 over 1 rank(s) is 8 images per rank",
+             "pretrain.optim.accum_steps=3 does not split", "use one of [1, 2, 4, 8]",
+             "1 rank(s) = 1 node(s) (cluster.nodes) x cluster.tasks_per_node=1"],
+        ),
+        (
+            ["pretrain.optim.accum_steps=8", "cluster.tasks_per_node=2"],
+            ["over 2 rank(s) is 4 images per rank", "pretrain.optim.accum_steps=8", "use one of [1, 2, 4]",
+             "2 rank(s) = 1 node(s) (cluster.nodes) x cluster.tasks_per_node=2"],
+        ),
+        # The evaluations' batches (16 each) split over their own ranks and accumulations.
+        (["linprobe.accum_steps=3"], ["linprobe.batch_size=16 over 1 rank(s)", "linprobe.accum_steps=3",
+                                      "use one of [1, 2, 4, 8, 16]", "job linprobe has 1 rank(s)"]),
+        (
+            ["finetune.accum_steps=3", "cluster.eval_nodes=2"],
+            ["finetune.batch_size=16 over 2 rank(s) is 8 images per rank", "finetune.accum_steps=3",
+             "use one of [1, 2, 4, 8]", "2 rank(s) = 2 node(s) (cluster.eval_nodes) x cluster.tasks_per_node=1"],
+        ),
+        (["fastprobe.batch_size=15", "cluster.tasks_per_node=2"],
+         ["fastprobe.batch_size=15 is not divisible by the 2 ranks", "e.g. fastprobe.batch_size=14"]),
+    ],
+)  # fmt: skip
+def test_impossible_accumulation_split_fails_at_submit_with_the_numbers(
+    data: Path, tmp_path: Path, extra: list[str], expected: list[str]
+) -> None:
+    cfg = load_launch_config(tiny_overrides(data, tmp_path, *extra))
+    with pytest.raises(ValidationError) as err:
+        plan_command("pipeline", cfg)
+    for part in expected:
+        assert part in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["pretrain.optim.accum_steps=4", "cluster.tasks_per_node=2"],  # 8 = 2 ranks x 4 micro-steps x 1 image
+        ["pretrain.optim.accum_steps=auto", "pretrain.run.max_micro_batch=3"],  # auto picks 4 micro-steps of 2
+        ["pretrain.optim.accum_steps=auto"],  # no budget: the node measures it (or 1 on a CPU)
+        ["linprobe.accum_steps=16", "finetune.accum_steps=auto", "finetune.run.max_micro_batch=5"],
+    ],
+)
+def test_possible_accumulation_splits_pass(data: Path, tmp_path: Path, extra: list[str]) -> None:
+    plan_command("pipeline", load_launch_config(tiny_overrides(data, tmp_path, *extra)))
 
 
 @pytest.mark.parametrize("layout", ["missing", "no_val", "empty_classes"])
@@ -158,6 +248,62 @@ def test_output_folder_of_another_config_is_refused(data: Path, tmp_path: Path) 
     assert "pretrain.mask.ratio: 0.8 -> 0.85" in str(err.value) and "name=tiny_v2" in str(err.value)
     # Where and how it runs is not part of the experiment: another cluster size is the same experiment.
     plan_command("pipeline", load_launch_config(tiny_overrides(data, tmp_path, "cluster.cpus_per_task=1")))
+
+
+def test_world_size_may_change_and_the_micro_step_split_only_with_amend(data: Path, tmp_path: Path) -> None:
+    def config(*extra: str):
+        return load_launch_config(tiny_overrides(data, tmp_path, *extra))
+
+    exp = Experiment.of(config())
+    prepare(exp, config())  # as a first command would
+    # Another allocation keeps the global batch (8) and so the schedule: the same experiment, with or without
+    # pipeline.amend, nothing recorded as an amendment; the job is planned on the new size.
+    for extra, ranks in ((["cluster.nodes=2"], 2), (["cluster.tasks_per_node=2"], 2), (["pipeline.amend=true"], 1)):
+        cfg = config(*extra)
+        assert check_ownership(exp, cfg) == []
+        _, planned, _ = plan_command("pretrain", cfg)
+        assert planned[0].node.nodes * cfg.cluster.tasks_per_node == ranks
+    # How each rank splits its share into micro-steps: refused without amend (with the hint), taken with it.
+    split = ("pretrain.optim.accum_steps=2", "pretrain.run.max_micro_batch=4", "linprobe.accum_steps=auto")
+    with pytest.raises(ExperimentConflict) as err:
+        plan_command("pipeline", config(*split, "cluster.nodes=2"))
+    changes = [
+        "linprobe.accum_steps: 1 -> 'auto'",
+        "pretrain.optim.accum_steps: 1 -> 2",
+        "pretrain.run.max_micro_batch: None -> 4",
+    ]
+    assert all(change in str(err.value) for change in changes), str(err.value)
+    assert "add pipeline.amend=true" in str(err.value)
+    amended = config(*split, "cluster.nodes=2", "pipeline.amend=true")
+    _, planned, _ = plan_command("pipeline", amended)
+    assert planned[0].node.nodes == 2 and planned[0].node.config.optim.accum_steps == 2
+    prepare(exp, amended)
+    assert exp.manifest.read()["amendments"][-1]["changes"] == changes
+    # The global batch fixes the schedule and the lr: it stays the experiment's, amend or not.
+    for extra in ((), ("pipeline.amend=true",)):
+        with pytest.raises(ExperimentConflict) as err:
+            plan_command("pretrain", config(*split, "pretrain.optim.batch_size=16", *extra))
+        assert "pretrain.optim.batch_size: 8 -> 16" in str(err.value)
+        assert "add pipeline.amend=true" not in str(err.value)
+    assert "lets only" in str(err.value) and "not pretrain.optim.batch_size" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "key, amendable",
+    [
+        ("pretrain.optim.accum_steps", True),
+        ("linprobe.accum_steps", True),
+        ("finetune.accum_steps", True),
+        ("pretrain.run.max_micro_batch", True),
+        ("fastprobe.run.max_micro_batch", True),
+        ("pretrain.optim.batch_size", False),
+        ("linprobe.batch_size", False),
+        ("finetune.batch_size", False),
+        ("pretrain.model.accum_steps", False),  # a leaf's name elsewhere in the tree is not the setting
+    ],
+)
+def test_amendable_keys(key: str, amendable: bool) -> None:
+    assert is_amendable(key) is amendable
 
 
 def _write_pretrain_checkpoint(path: Path, arch: str) -> Path:
@@ -203,7 +349,7 @@ def test_dry_run_prints_dag_and_scripts_and_writes_nothing(data: Path, tmp_path:
 def test_cli_reports_bad_input_without_a_traceback(data: Path, tmp_path: Path) -> None:
     proc = run_launch(["pipeline", *tiny_overrides(data, tmp_path, "pretrain.optim.batch_size=9", "cluster.nodes=2")])
     assert proc.returncode == 2, proc.stderr
-    assert "error:" in proc.stdout and "not divisible by the job's 2 ranks" in proc.stdout
+    assert "error:" in proc.stdout and "pretrain.optim.batch_size=9 is not divisible by the 2 ranks" in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
 
 

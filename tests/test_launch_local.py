@@ -9,10 +9,12 @@ from pathlib import Path
 
 from rich.console import Console
 
+from extrema.batching import BatchPlan
 from jobs.manifest import Manifest
+from launch.compose import load_launch_config
 from launch.progress import read_final_metrics
-from launch.results import collate, write_results
-from launch.status import show_status
+from launch.results import COLUMNS, batch_summary, collate, write_results
+from launch.status import describe_batch, show_status
 from launch.submit import run_command
 from tests.launch_fixtures import make_dataset, tiny_overrides
 
@@ -35,6 +37,7 @@ def test_local_pipeline_results_status_and_rerun(tmp_path: Path) -> None:
     assert row.finetune == read_final_metrics(exp / "finetune")["results"]["top1"]
     assert (row.fast_probe, row.knn) == (fast["top1"], fast["knn"]["top1"])
     assert row.wall_time_s and row.wall_time_s > 0 and row.gpu_hours == 0.0 and row.requeues == 0
+    assert row.batch == "8 (1x1x8)"  # the tiny preset's 8 images per step on one rank, no accumulation
     markdown = (tmp_path / "out" / "results.md").read_text()
     assert f"| {row.linear:.1f} | {row.finetune:.1f} |" in markdown and (tmp_path / "out" / "results.csv").is_file()
     assert collate(tmp_path / "exps") == [row]
@@ -43,6 +46,7 @@ def test_local_pipeline_results_status_and_rerun(tmp_path: Path) -> None:
     text = console.export_text()
     assert text.count("COMPLETED") == 4 and text.count("schedule done") == 4
     assert re.search(r"│ pretrain\s+│.*│ 8/8\s+│", text), text  # 32 images, batch 8, 2 epochs
+    assert re.search(r"│ pretrain\s+│ 1\s+│.*│ 8 = 1 rank x 1 x 8\s+│", text), text  # its attempt's split
 
     again = run_command("pipeline", overrides, console=Console(quiet=True))
     assert again.exit_code == 0 and [p.action for p in again.planned] == ["done"] * 4
@@ -65,7 +69,7 @@ def test_results_show_missing_metrics_as_missing(tmp_path: Path) -> None:
         "masking": "-",
         "color": "-",
     }
-    assert row.cells()[6:9] == ["-", "-", "-"] and row.cells()[-3:] == ["-", "-", "0"]
+    assert row.cells()[6:9] == ["-", "-", "-"] and row.cells()[-4:] == ["-", "-", "0", "-"]  # no attempt: no batch
 
 
 def test_results_of_evaluations_without_a_pretraining_show_no_recipe(tmp_path: Path) -> None:
@@ -77,6 +81,65 @@ def test_results_of_evaluations_without_a_pretraining_show_no_recipe(tmp_path: P
     (row,) = collate(tmp_path / "exps")
     assert row.name == "ViT-Small"
     assert (row.pretrain_data, row.epochs, row.masking, row.color_aug) == (None, None, None, None)
+
+
+def _attempts_with_plans(exp: Manifest, plans: list[BatchPlan | None]) -> None:
+    """A pretraining job whose attempts recorded `plans` as the runner does (None: begun, no trainer built)."""
+    with exp.edit() as data:
+        data.update(name=exp.experiment_dir.name, config={})
+        data["jobs"] = {"pretrain": {"task": "pretrain", "backend": "local", "state": "PENDING", "attempts": []}}
+    for plan in plans:
+        n = exp.start_attempt("pretrain", {"job_id": "1", "start": "2026-01-01T00:00:00+00:00"})
+        if plan is not None:
+            exp.update_attempt("pretrain", n, batch=plan.as_dict(), end="2026-01-01T01:00:00+00:00", cause="timeout")
+
+
+def test_results_and_status_show_how_each_attempt_split_the_global_batch(tmp_path: Path) -> None:
+    # The published batch on 16 GPUs, then on 8 with 2 micro-steps (as after `pipeline.amend=true cluster.nodes=1`),
+    # both 128 images per micro-step: 2048 / 16 = 128 and 2048 / 8 / 2 = 128.
+    on_16, on_8 = BatchPlan(2048, 16, 1), BatchPlan(2048, 8, 2)
+    _attempts_with_plans(Manifest(tmp_path / "exps" / "moved"), [on_16, None, on_16, on_8])
+    _attempts_with_plans(Manifest(tmp_path / "exps" / "stayed"), [on_16, on_16])
+    rows = {row.experiment: row for row in collate(tmp_path / "exps")}
+    assert rows["moved"].batch == "2048 (16x1x128; 8x2x128)" and rows["stayed"].batch == "2048 (16x1x128)"
+    assert rows["moved"].cells()[COLUMNS.index("batch")] == "2048 (16x1x128; 8x2x128)"
+
+    console = Console(record=True, width=300, file=io.StringIO())
+    show_status(tmp_path / "exps" / "moved", console)
+    lines = [line for line in console.export_text().splitlines() if re.match(r"│ pretrain\s+│ \d", line)]
+    batches = [line.rstrip(" │").rsplit("│", 1)[-1].strip() for line in lines]
+    assert batches == ["2048 = 16 ranks x 1 x 128", "-", "2048 = 16 ranks x 1 x 128", "2048 = 8 ranks x 2 x 128"]
+
+
+def test_batch_summary_keeps_the_order_of_the_attempts() -> None:
+    def attempts(*plans: BatchPlan) -> list[dict]:
+        return [{"n": i, "batch": p.as_dict()} for i, p in enumerate(plans, 1)]
+
+    a, b, c = BatchPlan(1024, 4, 1), BatchPlan(1024, 2, 2), BatchPlan(1024, 1, 8)
+    assert batch_summary(attempts(a, b, b, a)) == "1024 (4x1x256; 2x2x256; 4x1x256)"  # back on 4 GPUs
+    assert batch_summary(attempts(c)) == "1024 (1x8x128)"
+    assert batch_summary([{"n": 1}]) is None and batch_summary([]) is None
+    assert describe_batch(c.as_dict()) == "1024 = 1 rank x 8 x 128"
+
+
+def test_results_of_a_run_resumed_with_another_accumulation(tmp_path: Path) -> None:
+    """The attempts' records as the job runner writes them: 8 images per step, then the same 8 in 2 micro-steps."""
+    from jobs.config_io import save_config
+    from jobs.runner import JobSpec, run_attempt
+
+    data = make_dataset(tmp_path / "data")
+    exp = tmp_path / "exps" / "tiny"
+    for extra in (["pretrain.run.max_steps=4"], ["pretrain.run.max_steps=8", "pretrain.optim.accum_steps=2"]):
+        cfg = load_launch_config(tiny_overrides(data, tmp_path / "exps", *extra)).pretrain
+        config = save_config(cfg, exp / "jobs" / "pretrain.yaml")
+        spec = JobSpec("pretrain", str(config), str(exp / "pretrain"), experiment_dir=str(exp))
+        assert run_attempt(spec).status == "finished"
+    (row,) = collate(tmp_path / "exps")
+    assert row.batch == "8 (1x1x8; 1x2x4)"
+    console = Console(record=True, width=300, file=io.StringIO())
+    show_status(exp, console)
+    text = console.export_text()
+    assert "8 = 1 rank x 1 x 8" in text and "8 = 1 rank x 2 x 4" in text
 
 
 def test_a_diverged_pretraining_continues_only_with_an_explicit_amendment(tmp_path: Path) -> None:

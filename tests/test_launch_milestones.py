@@ -59,6 +59,10 @@ def test_milestone_settings_are_checked_when_typed(data: Path, tmp_path: Path) -
     assert pretrain_total_steps(load_launch_config(tiny_overrides(data, root, "pretrain.run.max_steps=5"))) == 5
     two_ranks = load_launch_config(tiny_overrides(data, root, "cluster.nodes=2", "pretrain.optim.batch_size=12"))
     assert pretrain_total_steps(two_ranks) == 2 * (16 // 6)  # 16 images per rank, 6 per rank-batch, last one dropped
+    # Full global batches of the 32 images whatever the ranks: 3 ranks hold 10 each, 4 per rank-batch, as 1 rank.
+    for nodes in (1, 3):
+        cfg_n = load_launch_config(tiny_overrides(data, root, f"cluster.nodes={nodes}", "pretrain.optim.batch_size=12"))
+        assert pretrain_total_steps(cfg_n) == 2 * (32 // 12)
     assert milestone_steps(2, 8) == [2, 4, 6] and milestone_steps(4, 8) == [4] and milestone_steps(8, 8) == []
     assert parse_milestone_job("fastprobe_step40") == ("fastprobe", 40)
     assert parse_milestone_job("fastprobe") is None and parse_milestone_job("pretrain_step4") is None
@@ -107,7 +111,7 @@ def test_local_pipeline_evaluates_every_milestone_once(data: Path, tmp_path: Pat
     markdown = to_markdown(rows)
     assert markdown.splitlines()[0].startswith("| experiment | name | pretrain data | epochs |")
     knn4, top4 = metrics["fastprobe_step4"]["results"]["knn"]["top1"], metrics["fastprobe_step4"]["results"]["top1"]
-    row4 = f"| tiny@step4 | vit_nano | tiny | 2 | 80%x5 | yes | - | - | - | - | - | {knn4:.1f} | {top4:.1f} | 0 |"
+    row4 = f"| tiny@step4 | vit_nano | tiny | 2 | 80%x5 | yes | - | - | - | - | - | {knn4:.1f} | {top4:.1f} | 0 | - |"
     assert row4 in markdown.splitlines()
 
     console = Console(record=True, width=250, file=io.StringIO())
