@@ -26,7 +26,7 @@ from tests.slurm_helpers import SlurmCluster
 pytestmark = pytest.mark.slurm
 
 STEPS = 8  # the tiny preset on make_dataset: 32 images, global batch 8, 2 epochs
-RTOL = 1e-5  # ||a - b|| / ||b|| per weight tensor after 8 steps (measured: below 1e-6)
+RTOL = 1e-5  # ||a - b|| / ||b|| per weight tensor after 8 steps (measured here: 3.6e-7 at most)
 
 
 def _console() -> Console:
@@ -86,7 +86,25 @@ def test_a_run_moved_from_two_nodes_to_one_sees_the_same_images_and_ends_at_the_
     assert sorted(moved_digests) == sorted(whole_digests) == list(range(1, STEPS + 1))
     assert moved_digests == whole_digests
     moved_weights, whole_weights = _final_weights(exp / "pretrain"), _final_weights(tmp_path / "whole" / "pretrain")
-    for key, b in whole_weights.items():
-        if b.is_floating_point() and not key.endswith(".attn.k.bias"):  # zero gradient in exact arithmetic
-            a = moved_weights[key]
-            assert float((a - b).norm() / b.norm().clamp_min(1e-30)) <= RTOL, key
+    differences = {
+        key: _relative(_with_gradient(key, moved_weights[key]), _with_gradient(key, b))
+        for key, b in whole_weights.items()
+        if b.is_floating_point() and not key.endswith(".attn.k.bias")
+    }
+    worst = max(differences, key=differences.get)
+    print(f"largest relative weight difference after the move: {differences[worst]:.2e} ({worst})")
+    assert differences[worst] <= RTOL, f"{worst}: {differences[worst]:.2e}"
+
+
+def _with_gradient(key: str, weight: torch.Tensor) -> torch.Tensor:
+    """The part of a weight whose gradient is not zero in exact arithmetic. The key biases (the k third of a fused
+    qkv bias, a class-attention block's k.bias) shift every logit of a query alike, which softmax ignores: their
+    gradients are rounding noise, which AdamW turns into +-lr steps of random sign."""
+    if key.endswith(".attn.qkv.bias"):
+        q, _, v = weight.chunk(3)
+        return torch.cat([q, v])
+    return weight
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
