@@ -138,7 +138,6 @@ class FastProbeConfig:
             raise ValueError(f"holdout_fraction={self.holdout_fraction} must be in (0, 1)")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum={self.momentum} must be in [0, 1)")
-        check_accum_setting("accum_steps", self.accum_steps)
 
 
 def _finetune_model() -> ModelConfig:
