@@ -1,0 +1,235 @@
+"""Gradient accumulation in the linear probe and the finetune: micro-steps give the update of one full batch.
+
+Each comparison trains the same tiny run twice, with accum_steps=1 and accum_steps=4 (batch 16: micro-batches of
+4), for three optimizer steps, and compares every weight and optimizer-state tensor. Forward hooks check that
+the accumulated run really ran micro-batches, so that a trainer ignoring accum_steps cannot pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from extrema.engine.finetune import FinetuneTrainer
+from extrema.engine.linear_probe import LinearProbeTrainer
+from extrema.engine.logbook import read_metrics_log
+from tests.eval_runs import finetune_config, probe_config, tiny_model_config, write_dataset, write_pretrain_checkpoint
+
+BATCH = 16
+ACCUM = 4
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("accum_data")
+    return write_dataset(root / "images"), root / "filelists"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("accum_ckpt") / "pretrain.pt"
+    write_pretrain_checkpoint(path)
+    return path
+
+
+# ---- comparisons ---------------------------------------------------------------------------------------------
+def relative_differences(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float]:
+    """||a - b|| / ||b|| per tensor (in float64), for two dicts of the same tensors."""
+    assert a.keys() == b.keys()
+    out = {}
+    for key, reference in b.items():
+        diff = (a[key].double() - reference.double()).norm()
+        out[key] = float(diff / reference.double().norm()) if reference.any() else float(diff)
+    return out
+
+
+def worst(differences: dict[str, float]) -> tuple[str, float]:
+    """The tensor with the largest relative difference, and that difference."""
+    key = max(differences, key=differences.__getitem__)
+    return key, differences[key]
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every state tensor of `optimizer`, keyed by its parameter's name in `module` and the state's name."""
+    names = {id(p): name for name, p in module.named_parameters()}
+    return {
+        f"{names[id(p)]}/{key}": value
+        for p, state in optimizer.state.items()
+        for key, value in state.items()
+        if torch.is_tensor(value)
+    }
+
+
+def training_batch_sizes(module: nn.Module) -> list[int]:
+    """A list that fills with the batch size of each forward `module` runs in training mode."""
+    sizes: list[int] = []
+    module.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]) if m.training else None)
+    return sizes
+
+
+def in_float64(trainer: FinetuneTrainer) -> None:
+    """Weights (model and EMA) in float64 and images cast on the way in, before any step: the optimizer state
+    follows. float32's rounding differs between a batch of 16 and four of 4, and AdamW's normalisation by the
+    gradient's size amplifies it in elements whose gradient is near 0 (up to ~6e-6 relative, measured); in
+    float64 what is left of a correct accumulation is ~1e-14, far from the ~1e-4 that any wrong one gives."""
+    for module in (trainer.model, trainer.ema.module):
+        module.double()
+        module.register_forward_pre_hook(lambda m, args: (args[0].double(), *args[1:]))
+
+
+# ---- the finetune ----------------------------------------------------------------------------------------------
+def finetune_run(data, checkpoint: Path, run_dir: Path, accum: int, dtype: torch.dtype) -> tuple:
+    """Three AdamW steps of the BEiT recipe (Mixup/CutMix, drop-path 0.2, EMA, clipping) with `accum` micro-steps
+    per step, through `fit`; the trainer and the batch sizes of the model's training forwards."""
+    cfg = finetune_config(
+        *data,
+        str(checkpoint),
+        batch_size=BATCH,
+        accum_steps=accum,
+        warmup_epochs=0,  # the first step's lr would be 0
+        clip_grad=0.5,  # below every step's gradient norm (0.97 - 2.1): clipping acts
+        model_ema_decay=0.5,  # an EMA that moves visibly in three steps
+        run={"max_steps": STEPS, "log_every_steps": 1},
+    )
+    trainer = FinetuneTrainer(cfg, run_dir)
+    assert trainer.mixup is not None and trainer.mixup.mixup_alpha > 0 and trainer.mixup.cutmix_alpha > 0
+    assert trainer.model.drop_path_rates.max() > 0
+    if dtype == torch.float64:
+        in_float64(trainer)
+    sizes = training_batch_sizes(trainer.model)
+    assert trainer.fit().status == "finished"
+    return trainer, sizes
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-9), (torch.float32, 1e-4)])
+def test_finetune_micro_steps_equal_one_full_batch_step(data, checkpoint, tmp_path, dtype, tolerance):
+    full, full_sizes = finetune_run(data, checkpoint, tmp_path / "full", 1, dtype)
+    accum, accum_sizes = finetune_run(data, checkpoint, tmp_path / "accum", ACCUM, dtype)
+    assert full_sizes == [BATCH] * STEPS
+    assert accum_sizes == [BATCH // ACCUM] * (ACCUM * STEPS)  # the model ran micro-batches
+    assert accum.batch_plan.as_dict() == {
+        "global_batch": BATCH,
+        "world_size": 1,
+        "accum_steps": ACCUM,
+        "per_rank": BATCH,
+        "micro_batch": BATCH // ACCUM,
+    }
+
+    compared = {
+        "weights": relative_differences(accum.model.state_dict(), full.model.state_dict()),
+        "EMA": relative_differences(accum.ema.module.state_dict(), full.ema.module.state_dict()),
+        "AdamW state": relative_differences(
+            optimizer_tensors(accum.optimizer, accum.model), optimizer_tensors(full.optimizer, full.model)
+        ),
+    }
+    for what, differences in compared.items():
+        key, value = worst(differences)
+        assert value <= tolerance, (what, key, value)
+    # Not vacuous: the weights and the EMA moved, by far more than the tolerance.
+    start = FinetuneTrainer(full.cfg, tmp_path / "start").model.state_dict()
+    moved = relative_differences({k: v.to(start[k].dtype) for k, v in full.model.state_dict().items()}, start)
+    assert worst(moved)[1] > 1e3 * tolerance
+
+    # Counted in optimizer steps: the log, its loss (the mean over all micro-batches), lr and pre-clip gradient norm
+    # (the micro-losses' 1 / accum scaling), the checkpoints.
+    logs = [[r for r in read_metrics_log(t.run_dir) if "loss" in r] for t in (full, accum)]
+    assert [r["step"] for r in logs[1]] == [1, 2, 3] == [r["step"] for r in logs[0]]
+    for a, b in zip(logs[1], logs[0], strict=True):
+        for name in ("loss", "lr", "grad_norm"):
+            assert a[name] == pytest.approx(b[name], rel=max(tolerance, 1e-6)), (a["step"], name)
+    assert accum.ckpts.steps() == [STEPS]
+    derived = json.loads((accum.run_dir / "metrics.json").read_text())["derived"]
+    assert derived["batch"] == accum.batch_plan.as_dict()
+
+
+def test_finetune_draws_per_image_drop_path_in_the_loader(data, tmp_path):
+    trainer = FinetuneTrainer(finetune_config(*data, batch_size=BATCH, accum_steps=ACCUM), tmp_path / "run")
+    batch = next(iter(trainer.loader))
+    drops = batch["draws"]["drops"]
+    assert drops.shape == (BATCH, len(trainer.model.blocks), 2)
+    assert 0 <= drops.min() and drops.max() < 1
+
+    # In training an image's draws decide its own residual branches only; eval mode ignores them (never drops).
+    model = trainer.model
+    images = batch["image"][:2]
+    keep_all = torch.ones(2, len(model.blocks), 2)  # u = 1 >= every rate
+    other = keep_all.clone()
+    other[1] = 0.0  # image 1 drops every branch whose rate is > 0
+    with torch.no_grad():
+        model.train()
+        kept, changed = model(images, keep_all), model(images, other)
+        model.eval()
+        plain = model(images)
+        assert torch.equal(model(images, other), plain)
+    assert torch.equal(changed[0], kept[0])
+    assert not torch.allclose(changed[1], kept[1])
+    assert not torch.allclose(kept, plain)  # kept branches are scaled by 1 / keep-probability, as timm's DropPath
+
+    cfg = dataclasses.replace(finetune_config(*data, batch_size=BATCH), model=tiny_model_config(drop_path_rate=0.0))
+    assert "draws" not in next(iter(FinetuneTrainer(cfg, tmp_path / "plain").loader))
+
+
+# ---- the linear probe ----------------------------------------------------------------------------------------
+def probe_run(data, checkpoint: Path, run_dir: Path, accum: int) -> tuple:
+    """Three SGD steps of the reference probe with `accum` backbone micro-batches per step, through `fit`; the
+    trainer and the batch sizes that the backbone and the head ran in training."""
+    cfg = probe_config(
+        *data, str(checkpoint), batch_size=BATCH, accum_steps=accum, warmup_epochs=0, run={"max_steps": STEPS}
+    )
+    trainer = LinearProbeTrainer(cfg, run_dir)
+    backbone: list[int] = []
+    trainer.features.register_forward_pre_hook(lambda m, args: backbone.append(args[0].shape[0]))
+    head = training_batch_sizes(trainer.head)
+    assert trainer.fit().status == "finished"
+    return trainer, backbone[: accum * STEPS], head  # the rest of `backbone` is the final evaluation
+
+
+def test_probe_micro_batches_equal_one_full_batch_step(data, checkpoint, tmp_path):
+    full, full_backbone, full_head = probe_run(data, checkpoint, tmp_path / "full", 1)
+    accum, accum_backbone, accum_head = probe_run(data, checkpoint, tmp_path / "accum", ACCUM)
+    assert full_backbone == [BATCH] * STEPS
+    assert accum_backbone == [BATCH // ACCUM] * (ACCUM * STEPS)  # the backbone ran micro-batches
+    assert full_head == accum_head == [BATCH] * STEPS  # the head (and its BN) steps on the whole batch
+
+    head = relative_differences(accum.head.state_dict(), full.head.state_dict())  # Linear, BN running stats
+    momentum = relative_differences(
+        optimizer_tensors(accum.optimizer, accum.head), optimizer_tensors(full.optimizer, full.head)
+    )
+    assert {"0.running_mean", "0.running_var", "1.weight", "1.bias"} <= head.keys()
+    assert {"1.weight/momentum_buffer", "1.bias/momentum_buffer"} == momentum.keys()
+    for what, differences in (("head", head), ("SGD momentum", momentum)):
+        key, value = worst(differences)
+        assert value <= 1e-6, (what, key, value)
+    assert int(accum.head[0].num_batches_tracked) == STEPS
+
+    start = LinearProbeTrainer(full.cfg, tmp_path / "start").head.state_dict()
+    assert worst(relative_differences(full.head.state_dict(), start))[1] > 1e-3  # not vacuous: the head moved
+
+    assert accum.ckpts.steps() == [STEPS]
+    derived = json.loads((accum.run_dir / "metrics.json").read_text())["derived"]
+    assert derived["batch"] == {
+        "global_batch": BATCH,
+        "world_size": 1,
+        "accum_steps": ACCUM,
+        "per_rank": BATCH,
+        "micro_batch": BATCH // ACCUM,
+    }
+
+
+# ---- impossible splits ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("task", ["probe", "finetune"])
+def test_a_split_into_unequal_micro_batches_fails_with_the_numbers_before_loading(data, tmp_path, task):
+    make, trainer = {"probe": (probe_config, LinearProbeTrainer), "finetune": (finetune_config, FinetuneTrainer)}[task]
+    # A checkpoint that does not exist: the split is refused before any weights are read.
+    cfg = make(*data, str(tmp_path / "missing.pt"), batch_size=BATCH, accum_steps=3)
+    with pytest.raises(ValueError) as error:
+        trainer(cfg, tmp_path / "run")
+    message = str(error.value)
+    assert "batch_size=16" in message and "accum_steps=3" in message and "[1, 2, 4, 8, 16]" in message
+    assert not (tmp_path / "run" / "checkpoints").exists()
