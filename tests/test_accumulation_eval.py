@@ -2,23 +2,36 @@
 
 Each comparison trains the same tiny run twice, with accum_steps=1 and accum_steps=4 (batch 16: micro-batches of
 4), for three optimizer steps, and compares every weight and optimizer-state tensor. Forward hooks check that
-the accumulated run really ran micro-batches, so that a trainer ignoring accum_steps cannot pass.
+the accumulated run really ran micro-batches, so that a trainer ignoring accum_steps cannot pass. A last test
+resumes one-process runs on two ranks (gloo) with the same global batch and micro-batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import socket
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 
+from extrema.checkpoint import read_checkpoint
 from extrema.engine.finetune import FinetuneTrainer
 from extrema.engine.linear_probe import LinearProbeTrainer
 from extrema.engine.logbook import read_metrics_log
-from tests.eval_runs import finetune_config, probe_config, tiny_model_config, write_dataset, write_pretrain_checkpoint
+from tests.eval_runs import (
+    finetune_config,
+    probe_config,
+    tiny_model_config,
+    trainer_for,
+    write_dataset,
+    write_pretrain_checkpoint,
+)
 
 BATCH = 16
 ACCUM = 4
@@ -66,6 +79,16 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, module: nn.Module) -> di
     }
 
 
+def saved_optimizer_tensors(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """Every state tensor of a checkpoint's optimizer, keyed by parameter id and the state's name."""
+    return {
+        f"{pid}/{key}": value
+        for pid, state in checkpoint["optimizer"]["state"].items()
+        for key, value in state.items()
+        if torch.is_tensor(value)
+    }
+
+
 def training_batch_sizes(module: nn.Module) -> list[int]:
     """A list that fills with the batch size of each forward `module` runs in training mode."""
     sizes: list[int] = []
@@ -76,8 +99,10 @@ def training_batch_sizes(module: nn.Module) -> list[int]:
 def in_float64(trainer: FinetuneTrainer) -> None:
     """Weights (model and EMA) in float64 and images cast on the way in, before any step: the optimizer state
     follows. float32's rounding differs between a batch of 16 and four of 4, and AdamW's normalisation by the
-    gradient's size amplifies it in elements whose gradient is near 0 (up to ~6e-6 relative, measured); in
-    float64 what is left of a correct accumulation is ~1e-14, far from the ~1e-4 that any wrong one gives."""
+    gradient's size amplifies it in elements whose gradient is near 0 (up to ~6e-6 relative, measured). In
+    float64 a correct accumulation leaves ~1e-14; the wrong ones tried (mixing or drop-path per micro-batch, the
+    EMA per micro-step) leave 0.1 - 1, and a missing 1 / accum leaves ~1e-7 (clipping and AdamW's scale
+    invariance nearly hide it; the logged gradient norm is 4x)."""
     for module in (trainer.model, trainer.ema.module):
         module.double()
         module.register_forward_pre_hook(lambda m, args: (args[0].double(), *args[1:]))
@@ -107,7 +132,9 @@ def finetune_run(data, checkpoint: Path, run_dir: Path, accum: int, dtype: torch
     return trainer, sizes
 
 
-@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-9), (torch.float32, 1e-4)])
+@pytest.mark.parametrize(
+    ("dtype", "tolerance"), [(torch.float64, 1e-9), (torch.float32, 1e-4)], ids=["float64", "float32"]
+)
 def test_finetune_micro_steps_equal_one_full_batch_step(data, checkpoint, tmp_path, dtype, tolerance):
     full, full_sizes = finetune_run(data, checkpoint, tmp_path / "full", 1, dtype)
     accum, accum_sizes = finetune_run(data, checkpoint, tmp_path / "accum", ACCUM, dtype)
@@ -233,3 +260,62 @@ def test_a_split_into_unequal_micro_batches_fails_with_the_numbers_before_loadin
     message = str(error.value)
     assert "batch_size=16" in message and "accum_steps=3" in message and "[1, 2, 4, 8, 16]" in message
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ---- a resume on another number of ranks ----------------------------------------------------------------------
+def cross_world_configs(data_root: str, cache: str, checkpoint: str, accum: int) -> dict:
+    """Probe and finetune configs of global batch 16 for four steps (one epoch). The finetune runs without
+    Mixup/CutMix, whose pairs are a rank's batch's and change with the number of ranks; everything else it draws
+    (augmentation, erasing, drop-path) is the image's own."""
+    run = {"max_steps": 4, "stop_check_s": 0.0}
+    common = {"batch_size": BATCH, "accum_steps": accum, "warmup_epochs": 0, "run": run}
+    return {
+        "probe": probe_config(Path(data_root), Path(cache), checkpoint, **common),
+        "finetune": finetune_config(
+            Path(data_root), Path(cache), checkpoint, mixup=0.0, cutmix=0.0, model_ema_decay=0.5, **common
+        ),
+    }
+
+
+def _resume_on_two_ranks(rank: int, port: int, data_root: str, cache: str, checkpoint: str, root: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        # Per-rank batch 8 in two micro-batches of 4: the micro-batch of the one-process run, half its steps.
+        for task, cfg in cross_world_configs(data_root, cache, checkpoint, accum=2).items():
+            trainer = trainer_for(task, cfg, Path(root, task, "resumed"))
+            assert trainer.resume() and trainer.step == 2
+            assert trainer.fit().status == "finished"
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_resume_on_two_ranks_continues_the_one_rank_run(data, checkpoint, tmp_path):
+    data_root, cache = (str(p) for p in data)
+    for task, cfg in cross_world_configs(data_root, cache, str(checkpoint), accum=ACCUM).items():
+        assert trainer_for(task, cfg, tmp_path / task / "straight").fit().status == "finished"
+        first = trainer_for(task, cfg, tmp_path / task / "resumed")
+        assert first.fit(stop_requested=lambda t=first: t.step >= 2).status == "stopped"  # mid-epoch
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = (port, data_root, cache, str(checkpoint), str(tmp_path))
+    mp.start_processes(_resume_on_two_ranks, args=args, nprocs=2, start_method="spawn", join=True)
+
+    parts = {"probe": ("head",), "finetune": ("model", "model_ema")}
+    for task, names in parts.items():
+        a, b = (
+            read_checkpoint(tmp_path / task / run / "checkpoints" / "ckpt_000000004.pt")
+            for run in ("straight", "resumed")
+        )
+        assert (b["world_size"], b["batch"]["per_rank"], b["batch"]["micro_batch"]) == (2, 8, 4)
+        # The two ranks continued at the one rank's global position (32 of the epoch's images) and end where it did.
+        assert [a["loader"][k] for k in ("epoch", "global_position")] == [0, 64]
+        assert [b["loader"][k] for k in ("epoch", "global_position", "position")] == [0, 64, 32]
+        for name in names:
+            key, value = worst(relative_differences(b[name], a[name]))
+            assert value <= 1e-4, (task, name, key, value)  # float32: the summation order differs
+        key, value = worst(relative_differences(saved_optimizer_tensors(b), saved_optimizer_tensors(a)))
+        assert value <= 1e-4, (task, "optimizer", key, value)
