@@ -14,12 +14,14 @@ import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from extrema import batching
 from extrema.checkpoint import read_checkpoint
 from extrema.engine.finetune import FinetuneTrainer
 from extrema.engine.linear_probe import LinearProbeTrainer
@@ -319,3 +321,48 @@ def test_a_resume_on_two_ranks_continues_the_one_rank_run(data, checkpoint, tmp_
             assert value <= 1e-4, (task, name, key, value)  # float32: the summation order differs
         key, value = worst(relative_differences(saved_optimizer_tensors(b), saved_optimizer_tensors(a)))
         assert value <= 1e-4, (task, "optimizer", key, value)
+
+
+# ---- accum_steps=auto ----------------------------------------------------------------------------------------
+def test_auto_takes_the_fewest_micro_steps_within_the_budget(data, tmp_path):
+    for task, make in (("probe", probe_config), ("finetune", finetune_config)):
+        unlimited = trainer_for(task, make(*data, batch_size=BATCH, accum_steps="auto"), tmp_path / task / "cpu")
+        assert unlimited.batch_plan.accum_steps == 1  # a CPU without run.max_micro_batch: one step
+        cfg = make(*data, batch_size=BATCH, accum_steps="auto", run={"max_micro_batch": 5})
+        assert trainer_for(task, cfg, tmp_path / task / "budget").batch_plan.accum_steps == 4  # 16 = 4 x 4 <= 5
+
+
+def test_auto_on_a_gpu_plans_with_the_measured_micro_batch(monkeypatch):
+    asked = []
+
+    def measured(per_rank, trial_step, device, optimizer):
+        asked.append((per_rank, trial_step, device.type))
+        return 8
+
+    monkeypatch.setattr(batching, "largest_fitting_micro_batch", measured)
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    common = {"trial_step": print, "optimizer": optimizer, "batch_key": "batch_size", "accum_key": "accum_steps"}
+    cuda = torch.device("cuda")
+    plan = batching.plan_batch_on_device(64, 2, "auto", max_micro_batch=None, device=cuda, **common)
+    assert (plan.per_rank, plan.accum_steps, plan.micro_batch) == (32, 4, 8)
+    assert asked == [(32, print, "cuda")]
+    # A set budget, a set accumulation or a CPU measure nothing.
+    assert batching.plan_batch_on_device(64, 2, "auto", max_micro_batch=16, device=cuda, **common).accum_steps == 2
+    assert batching.plan_batch_on_device(64, 2, 4, max_micro_batch=None, device=cuda, **common).accum_steps == 4
+    cpu = torch.device("cpu")
+    assert batching.plan_batch_on_device(64, 2, "auto", max_micro_batch=None, device=cpu, **common).accum_steps == 1
+    assert len(asked) == 1
+
+
+@pytest.mark.parametrize("task", ["probe", "finetune"])
+def test_the_trial_step_leaves_no_trace(data, tmp_path, task):
+    make = {"probe": probe_config, "finetune": finetune_config}[task]
+    trainer = trainer_for(task, make(*data, batch_size=BATCH), tmp_path / "run")
+    module = trainer.head if task == "probe" else trainer.model
+    weights = {k: v.clone() for k, v in module.state_dict().items()}
+    torch_rng, numpy_rng = torch.get_rng_state(), np.random.get_state()
+    trainer._trial_step(4)
+    assert torch.equal(torch.get_rng_state(), torch_rng)  # drop-path / Mixup streams untouched
+    assert np.random.get_state()[1].tolist() == numpy_rng[1].tolist()
+    assert all(p.grad is None for p in module.parameters()) and not trainer.optimizer.state
+    assert all(torch.equal(v, weights[k]) for k, v in module.state_dict().items())
