@@ -140,3 +140,25 @@ def largest_fitting_micro_batch(
         fits = int(agreed.item())
     log.info("accum_steps=auto: a trial step fits %d images per micro-step on %s", fits, device)
     return fits
+
+
+def plan_batch_on_device(
+    global_batch: int,
+    world_size: int,
+    accum_steps: AccumSetting,
+    *,
+    max_micro_batch: int | None,
+    device: torch.device,
+    trial_step: Callable[[int], None],
+    optimizer: torch.optim.Optimizer,
+    batch_key: str,
+    accum_key: str,
+) -> BatchPlan:
+    """`plan_batch`, except that accum_steps=auto on a GPU without `max_micro_batch` first measures the largest
+    micro-batch that `trial_step` fits (see `largest_fitting_micro_batch`); a CPU without a budget takes 1 step."""
+    keys = {"batch_key": batch_key, "accum_key": accum_key}
+    budget = max_micro_batch
+    if accum_steps == AUTO and budget is None and device.type == "cuda":
+        per_rank = plan_batch(global_batch, world_size, 1, **keys).per_rank  # the ranks' split, checked first
+        budget = largest_fitting_micro_batch(per_rank, trial_step, device, optimizer)
+    return plan_batch(global_batch, world_size, accum_steps, max_micro_batch=budget, **keys)

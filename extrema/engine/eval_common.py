@@ -17,7 +17,7 @@ from extrema.checkpoint import CheckpointError, backbone_state, is_reference_for
 from extrema.config.common import ModelConfig, RunConfig
 from extrema.determinism import use_deterministic_kernels
 from extrema.distributed import DistInfo, dist_info, resolve_device
-from extrema.models.encoder import ExtremaViT, LayerNorm6
+from extrema.models.encoder import DropDraws, ExtremaViT, LayerNorm6, drop_path_scales, run_blocks
 from extrema.models.registry import create_encoder
 
 log = logging.getLogger(__name__)
@@ -236,6 +236,9 @@ class FinetuneViT(nn.Module):
         self.pos_embed = nn.Parameter(encoder.pos_embed.detach().clone(), requires_grad=train_pos_embed)
         self.pos_drop = encoder.pos_drop
         self.blocks = encoder.blocks
+        # The blocks' stochastic-depth rates, for per-image draws. A plain tensor, not a buffer: the model holds
+        # no buffers, which is what lets DDP skip broadcasting them before every forward.
+        self.drop_path_rates = encoder.drop_path_rates.detach().clone()
         self.fc_norm = LayerNorm6(self.embed_dim)
         self.head = new_classifier(self.embed_dim, num_classes, head_init_scale)
 
@@ -248,20 +251,24 @@ class FinetuneViT(nn.Module):
         with the head at depth + 1, as BEiT counts: the head gets decay ** 0, the last block decay ** 1."""
         return {"stem": r"^pos_embed|patch_embed", "blocks": r"^blocks\.(\d+)"}
 
-    def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """Patch tokens after the self-attention blocks: (B, N, D)."""
+    def forward_tokens(self, images: torch.Tensor, drops: DropDraws | None = None) -> torch.Tensor:
+        """Patch tokens after the self-attention blocks: (B, N, D).
+
+        `drops` (B, depth, 2): each image's own stochastic-depth draws (see `DropDraws`), so that an image's
+        drop decisions do not depend on the batch it shares; used in training only (eval mode never drops).
+        None: timm's DropPath draws from the global RNG, per batch, in training.
+        """
         x = self.pos_drop(self.patch_embed(images) + self.pos_embed.to(images.dtype))  # (B, N, D)
-        for blk in self.blocks:
-            x = blk(x)
-        return x
+        scales = drop_path_scales(drops, self.drop_path_rates) if self.training else None
+        return run_blocks(self.blocks, x, scales)
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, images: torch.Tensor, drops: DropDraws | None = None) -> torch.Tensor:
         """fc_norm of the mean patch token: (B, D)."""
-        return self.fc_norm(self.forward_tokens(images).mean(dim=1))
+        return self.fc_norm(self.forward_tokens(images, drops).mean(dim=1))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, drops: DropDraws | None = None) -> torch.Tensor:
         """Class logits: (B, num_classes)."""
-        return self.head(self.forward_features(images))
+        return self.head(self.forward_features(images, drops))
 
 
 def new_classifier(dim: int, num_classes: int, init_scale: float) -> nn.Linear:

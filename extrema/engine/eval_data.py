@@ -42,20 +42,26 @@ def open_splits(data: DataConfig, train_transform: Callable | None, val_transfor
     return EvalSplits(train, val)
 
 
-def per_rank_batch(global_batch: int, info: DistInfo, name: str = "batch_size") -> int:
-    """global batch / world size, refusing a batch that does not split evenly."""
-    if global_batch % info.world_size:
-        raise ValueError(f"{name}={global_batch} is not divisible by the {info.world_size} ranks; choose a multiple")
-    return global_batch // info.world_size
-
-
 def train_loader(
-    dataset: ImageFolderDataset, batch_per_rank: int, info: DistInfo, data: DataConfig, seed: int
+    dataset: ImageFolderDataset,
+    batch_per_rank: int,
+    info: DistInfo,
+    data: DataConfig,
+    seed: int,
+    draws: Callable[[torch.Generator], dict] | None = None,
 ) -> ResumableLoader:
-    """Shuffled, drop-last, per-sample-seeded loader whose position is part of the checkpoint."""
+    """Shuffled, drop-last, per-sample-seeded loader whose position is part of the checkpoint. `draws` (e.g.
+    `StudentDraws`) adds each image's own random draws, seeded like its augmentation (see `build_loader`)."""
     sampler = ResumableDistributedSampler(len(dataset), info.world_size, info.rank, shuffle=True, seed=seed)
     return build_loader(
-        dataset, batch_per_rank, sampler, data.num_workers, seed, drop_last=True, prefetch_factor=data.prefetch_factor
+        dataset,
+        batch_per_rank,
+        sampler,
+        data.num_workers,
+        seed,
+        drop_last=True,
+        prefetch_factor=data.prefetch_factor,
+        draws=draws,
     )
 
 

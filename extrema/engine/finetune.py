@@ -7,6 +7,13 @@ batch / 256, timm's per-step warm-up + cosine to 1e-6. Data: timm's `create_tran
 rand-m9-mstd0.5-inc1, random erasing 0.25, bicubic), timm's Mixup 0.8 / CutMix 1.0 with label smoothing
 0.1 and SoftTargetCrossEntropy; evaluation without any of these, sharded over ranks. Optional timm
 ModelEmaV3, evaluated alongside.
+
+Accumulation (`accum_steps`): each rank loads batch_size / ranks images per AdamW step and runs them in the
+plan's micro-steps; the update equals the one without accumulation. Mixup/CutMix mix the rank's whole batch
+before it is split (the same pairs and lambda), each image's drop-path decisions come with it from the data
+loader (its own seeded draws, not the global RNG's per batch), each micro-loss is scaled by 1 / micro-steps,
+and DDP all-reduces the gradients on the last micro-step only. Clipping, the scaler, AdamW, the EMA and the lr
+schedule act once per optimizer step, and `step` (logs, checks, checkpoints) counts optimizer steps.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -25,10 +33,12 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from extrema.batching import BatchPlan, plan_batch, plan_batch_on_device, split_batch
 from extrema.checkpoint import FORMAT, CheckpointError
 from extrema.config.evaluation import FinetuneConfig
 from extrema.data import IMAGENET_MEAN, IMAGENET_STD
 from extrema.data.randaugment import keep_zero_bit_posterize
+from extrema.data.sample_draws import StudentDraws
 from extrema.distributed import is_distributed
 from extrema.engine.base import FitResult, StopRequested, run_length
 from extrema.engine.checkpointed import EvaluationRun, run_checkpoints
@@ -45,7 +55,7 @@ from extrema.engine.eval_common import (
     setup_runtime,
     topk_correct,
 )
-from extrema.engine.eval_data import open_splits, per_rank_batch, sum_over_ranks, train_loader, val_batches
+from extrema.engine.eval_data import open_splits, sum_over_ranks, train_loader, val_batches
 from extrema.engine.logbook import Logbook, mean_over_ranks
 from extrema.optim import fused_adamw
 from extrema.precision import autocast, make_scaler
@@ -122,11 +132,10 @@ class FinetuneTrainer(EvaluationRun):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.dist, self.device = setup_runtime(cfg.run)
-        self.batch_per_rank = per_rank_batch(cfg.batch_size, self.dist)
-        if cfg.mixing and self.batch_per_rank % 2:
-            raise ValueError(
-                f"Mixup/CutMix pair images within a batch: batch per rank {self.batch_per_rank} must be even"
-            )
+        self.batch_plan = self._configured_plan()  # an impossible split fails here, before any weights are read
+        per_rank = self.batch_plan.per_rank
+        if cfg.mixing and per_rank % 2:  # the micro-batches may be odd: Mixup sees the whole per-rank batch
+            raise ValueError(f"Mixup/CutMix pair images within a batch: batch per rank {per_rank} must be even")
 
         train_tf, val_tf = finetune_transforms(cfg)
         self.splits = open_splits(cfg.data, train_tf, val_tf)
@@ -158,7 +167,11 @@ class FinetuneTrainer(EvaluationRun):
         self.mixup = build_mixup(cfg, self.splits.num_classes)
         self.criterion = build_criterion(cfg)
 
-        self.loader = train_loader(self.splits.train, self.batch_per_rank, self.dist, cfg.data, cfg.run.seed)
+        self.batch_plan = self._measured_plan()
+        log.info("finetune: %s", self.batch_plan)
+        self.loader = train_loader(
+            self.splits.train, per_rank, self.dist, cfg.data, cfg.run.seed, draws=self._image_draws()
+        )
         self.steps_per_epoch = self.loader.steps_per_epoch
         schedule_steps = cfg.epochs * self.steps_per_epoch
         self.total_steps = run_length(schedule_steps, cfg.run.max_steps)
@@ -180,6 +193,53 @@ class FinetuneTrainer(EvaluationRun):
         self.ckpts = run_checkpoints(self.run_dir, cfg.run)
         self.logbook = Logbook(self.run_dir, self.dist.is_main, self.total_steps, PROTOCOL)
 
+    def _configured_plan(self) -> BatchPlan:
+        """The split as configured (accum_steps=auto: by run.max_micro_batch, else one step for now)."""
+        c = self.cfg
+        return plan_batch(
+            c.batch_size,
+            self.dist.world_size,
+            c.accum_steps,
+            max_micro_batch=c.run.max_micro_batch,
+            batch_key="batch_size",
+            accum_key="accum_steps",
+        )
+
+    def _measured_plan(self) -> BatchPlan:
+        """The split to train with: for accum_steps=auto on a GPU without run.max_micro_batch, the fewest micro-steps
+        whose forward + backward a trial step shows fits (the same on every rank)."""
+        c = self.cfg
+        return plan_batch_on_device(
+            c.batch_size,
+            self.dist.world_size,
+            c.accum_steps,
+            max_micro_batch=c.run.max_micro_batch,
+            device=self.device,
+            trial_step=self._trial_step,
+            optimizer=self.optimizer,
+            batch_key="batch_size",
+            accum_key="accum_steps",
+        )
+
+    def _trial_step(self, micro_batch: int) -> None:
+        """Forward + backward of `micro_batch` blank images in training mode, leaving no gradient or state behind:
+        no optimizer step, and keep-every-path draws instead of DropPath's (no draw from the run's RNG)."""
+        size = self.cfg.model.img_size
+        images = torch.zeros(micro_batch, 3, size, size, device=self.device)
+        keep_all = torch.ones(micro_batch, len(self.model.blocks), 2, device=self.device)
+        self.model.train()
+        with autocast(self.cfg.run.precision, self.device):
+            logits = self.model(images, keep_all)
+        self.scaler.scale(logits.float().logsumexp(dim=1).mean()).backward()
+        self.model.zero_grad(set_to_none=True)
+
+    def _image_draws(self) -> StudentDraws | None:
+        """Per-image stochastic-depth draws for the loader when the model drops paths (else none): an image's
+        drop decisions are then its own, the same in any micro-batch and on any number of ranks."""
+        if self.cfg.model.drop_path_rate <= 0:
+            return None
+        return StudentDraws(depth=len(self.model.blocks))
+
     # ---- one step ---------------------------------------------------------------------------------------------
     def mix(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Training inputs and targets: Mixup/CutMix images with soft (B, C) targets, or the batch unchanged."""
@@ -187,19 +247,33 @@ class FinetuneTrainer(EvaluationRun):
             return images, labels
         return self.mixup(images, labels)
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
-        """One AdamW step on a batch (B, 3, H, W), labels (B,); then the EMA update."""
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, drops: torch.Tensor | None = None) -> dict:
+        """One AdamW step on a rank's batch (B, 3, H, W), labels (B,), in the plan's micro-steps; then the EMA update.
+
+        drops: (B, depth, 2) per-image stochastic-depth draws (the loader's "draws"); None = timm's DropPath
+        draws from the global RNG, per micro-batch.
+        """
         self.scheduler.step_update(self.step)
         images = images.to(self.device, non_blocking=True)
+        # The whole rank's batch is mixed before the split: the pairs and lambda are those without accumulation.
         images, targets = self.mix(images, labels.to(self.device, non_blocking=True))
+        if drops is not None:
+            drops = drops.to(self.device, non_blocking=True)
         self.net.train()
-        with autocast(self.cfg.run.precision, self.device):
-            logits = self.net(images)
-        loss = self.criterion(logits.float(), targets)
-        self.guard.observe(loss)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        metrics = {"loss": loss.detach(), "lr": max(g["lr"] for g in self.optimizer.param_groups)}
+        parts = split_batch(self.batch_plan, images.shape[0])
+        losses = []
+        for i, rows in enumerate(parts):
+            # Gradients are all-reduced on the last micro-step only; each micro-loss is a mean over its equal share
+            # of rows, so 1 / len(parts) of it makes the summed gradient the whole batch's mean-loss gradient.
+            with self._sync_gradients(i == len(parts) - 1):
+                with autocast(self.cfg.run.precision, self.device):
+                    logits = self.net(images[rows], None if drops is None else drops[rows])
+                loss = self.criterion(logits.float(), targets[rows])
+                self.guard.observe(loss)
+                self.scaler.scale(loss / len(parts)).backward()
+            losses.append(loss.detach())
+        metrics = {"loss": torch.stack(losses).mean(), "lr": max(g["lr"] for g in self.optimizer.param_groups)}
         if self.cfg.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
             metrics["grad_norm"] = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
@@ -209,6 +283,12 @@ class FinetuneTrainer(EvaluationRun):
         if self.ema is not None:
             self.ema.update(self.model, step=self.step)
         return metrics
+
+    def _sync_gradients(self, sync: bool) -> AbstractContextManager:
+        """DDP's gradient all-reduce only where `sync` (the optimizer step's last micro-step)."""
+        if sync or not isinstance(self.net, DistributedDataParallel):
+            return nullcontext()
+        return self.net.no_sync()
 
     # ---- evaluation ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -249,7 +329,7 @@ class FinetuneTrainer(EvaluationRun):
                     return FitResult("stopped", self.step)
                 self.loader.set_epoch(self.step // self.steps_per_epoch)
                 for batch in self.loader:
-                    metrics = self.train_step(batch["image"], batch["label"])
+                    metrics = self.train_step(batch["image"], batch["label"], batch.get("draws", {}).get("drops"))
                     if self.step % self.cfg.run.log_every_steps == 0 or self.step == self.total_steps:
                         record = mean_over_ranks(metrics)  # every rank's loss, not rank 0's
                         self.logbook.write(self.step, {**record, "epoch": self.step / self.steps_per_epoch})
@@ -290,7 +370,7 @@ class FinetuneTrainer(EvaluationRun):
         log.info("finetune: top-1 %.2f%%, top-5 %.2f%%", results["top1"], results["top5"])
         derived = {
             "peak_lr": self.peak_lr,
-            "batch_per_rank": self.batch_per_rank,
+            "batch": self.batch_plan.as_dict(),
             "world_size": self.dist.world_size,
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
@@ -312,6 +392,7 @@ class FinetuneTrainer(EvaluationRun):
             "step": self.step,
             "epoch": self.step // self.steps_per_epoch,
             "world_size": self.dist.world_size,
+            "batch": self.batch_plan.as_dict(),
             "wall_time_s": self.wall_time,
             "weights": self.weights.as_dict(),
             "classes": list(self.splits.classes),

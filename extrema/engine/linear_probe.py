@@ -5,6 +5,13 @@ blocks; head SyncBatchNorm(affine=False, eps 1e-5: statistics of the global batc
 weight, zero bias); SGD momentum 0.9 without weight decay, lr 0.1 x batch / 256 with a per-step warm-up +
 cosine; RandomResizedCrop + flip for train, resize + center crop for val; top-1 / top-5. The encoder's
 weights are fingerprinted before and after training, and a difference is an error.
+
+Accumulation (`accum_steps`): each rank still loads its batch_size / ranks images per step, and only the frozen
+backbone's forward runs in the plan's micro-batches (without gradients); their features are concatenated and
+the head takes one SGD step on the rank's whole batch. Its BatchNorm (GlobalBatchNorm1d, the global batch's
+statistics) therefore sees exactly the batch it sees without accumulation, the head's gradient is the
+full-batch one, and there is no gradient all-reduce to hold back on micro-steps (no `no_sync`): only the
+backbone's activation memory shrinks, which is what the micro-batches are for.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from extrema.batching import BatchPlan, plan_batch, plan_batch_on_device, split_batch
 from extrema.checkpoint import FORMAT, CheckpointError
 from extrema.config.evaluation import LinearProbeConfig
 from extrema.data import make_eval_transform
@@ -32,7 +40,7 @@ from extrema.engine.eval_common import (
     topk_correct,
     weights_digest,
 )
-from extrema.engine.eval_data import open_splits, per_rank_batch, sum_over_ranks, train_loader, val_batches
+from extrema.engine.eval_data import open_splits, sum_over_ranks, train_loader, val_batches
 from extrema.engine.logbook import Logbook, mean_over_ranks
 from extrema.models.probe_head import PROBE_BN_EPS, build_probe_head
 from extrema.precision import autocast
@@ -55,7 +63,7 @@ class LinearProbeTrainer(EvaluationRun):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.dist, self.device = setup_runtime(cfg.run)
-        self.batch_per_rank = per_rank_batch(cfg.batch_size, self.dist)
+        self.batch_plan = self._configured_plan()  # an impossible split fails here, before any weights are read
 
         seed_everything(cfg.run.seed)  # the same encoder init (baseline) and head init on every rank
         encoder = build_encoder(cfg.model, drop_path_rate=0.0)
@@ -74,7 +82,9 @@ class LinearProbeTrainer(EvaluationRun):
         self.optimizer = torch.optim.SGD(
             self.head.parameters(), lr=self.peak_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
-        self.loader = train_loader(self.splits.train, self.batch_per_rank, self.dist, cfg.data, cfg.run.seed)
+        self.batch_plan = self._measured_plan()
+        log.info("linear probe: %s", self.batch_plan)
+        self.loader = train_loader(self.splits.train, self.batch_plan.per_rank, self.dist, cfg.data, cfg.run.seed)
         self.steps_per_epoch = self.loader.steps_per_epoch
         schedule_steps = cfg.epochs * self.steps_per_epoch
         self.total_steps = run_length(schedule_steps, cfg.run.max_steps)
@@ -82,6 +92,39 @@ class LinearProbeTrainer(EvaluationRun):
         self.wall_time = 0.0
         self.ckpts = run_checkpoints(self.run_dir, cfg.run)
         self.logbook = Logbook(self.run_dir, self.dist.is_main, self.total_steps, PROTOCOL)
+
+    def _configured_plan(self) -> BatchPlan:
+        """The split as configured (accum_steps=auto: by run.max_micro_batch, else one step for now)."""
+        c = self.cfg
+        return plan_batch(
+            c.batch_size,
+            self.dist.world_size,
+            c.accum_steps,
+            max_micro_batch=c.run.max_micro_batch,
+            batch_key="batch_size",
+            accum_key="accum_steps",
+        )
+
+    def _measured_plan(self) -> BatchPlan:
+        """The split to train with: for accum_steps=auto on a GPU without run.max_micro_batch, the fewest micro-steps
+        whose backbone forward a trial shows fits (the same on every rank)."""
+        c = self.cfg
+        return plan_batch_on_device(
+            c.batch_size,
+            self.dist.world_size,
+            c.accum_steps,
+            max_micro_batch=c.run.max_micro_batch,
+            device=self.device,
+            trial_step=self._trial_step,
+            optimizer=self.optimizer,
+            batch_key="batch_size",
+            accum_key="accum_steps",
+        )
+
+    def _trial_step(self, micro_batch: int) -> None:
+        """The frozen backbone's forward on `micro_batch` blank images (no gradient, no state, no random draw)."""
+        size = self.cfg.model.img_size
+        self.extract(torch.zeros(micro_batch, 3, size, size, device=self.device))
 
     # ---- one step ---------------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -94,9 +137,16 @@ class LinearProbeTrainer(EvaluationRun):
         with autocast(self.cfg.run.precision, self.device):
             return self.features(images.to(self.device, non_blocking=True)).float()
 
+    def train_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Frozen features (B, D) of a rank's training batch (B, 3, H, W), extracted in the plan's micro-batches.
+        The backbone is in eval mode and each image's feature is its own, so they equal one forward of the batch
+        (up to the kernels' summation order)."""
+        return torch.cat([self.extract(images[rows]) for rows in split_batch(self.batch_plan, images.shape[0])])
+
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
-        """One SGD step of the head on a batch of images (B, 3, H, W) and labels (B,)."""
-        return self.head_step(self.extract(images), labels.to(self.device, non_blocking=True))
+        """One SGD step of the head on a rank's batch of images (B, 3, H, W) and labels (B,): features in
+        micro-batches, then one head step on all B of them (see the module docstring)."""
+        return self.head_step(self.train_features(images), labels.to(self.device, non_blocking=True))
 
     def head_step(self, features: torch.Tensor, labels: torch.Tensor) -> dict:
         """One SGD step of the head on features (B, D) at the current step's lr."""
@@ -187,7 +237,7 @@ class LinearProbeTrainer(EvaluationRun):
     def _derived(self) -> dict:
         return {
             "peak_lr": self.peak_lr,
-            "batch_per_rank": self.batch_per_rank,
+            "batch": self.batch_plan.as_dict(),
             "world_size": self.dist.world_size,
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
@@ -206,6 +256,7 @@ class LinearProbeTrainer(EvaluationRun):
             "step": self.step,
             "epoch": self.step // self.steps_per_epoch,
             "world_size": self.dist.world_size,
+            "batch": self.batch_plan.as_dict(),
             "wall_time_s": self.wall_time,
             "weights": self.weights.as_dict(),
             "backbone_sha256": self.backbone_digest,
