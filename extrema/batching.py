@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -162,3 +163,11 @@ def plan_batch_on_device(
         per_rank = plan_batch(global_batch, world_size, 1, **keys).per_rank  # the ranks' split, checked first
         budget = largest_fitting_micro_batch(per_rank, trial_step, device, optimizer)
     return plan_batch(global_batch, world_size, accum_steps, max_micro_batch=budget, **keys)
+
+
+def gradient_sync(net: torch.nn.Module, sync: bool) -> AbstractContextManager:
+    """A micro-step's context: DDP's gradient all-reduce only where `sync` (the optimizer step's last micro-step),
+    `no_sync()` on the others (their gradients only add up locally); nothing to do without DDP."""
+    if sync or not isinstance(net, torch.nn.parallel.DistributedDataParallel):
+        return nullcontext()
+    return net.no_sync()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -33,7 +32,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from extrema.batching import BatchPlan, plan_batch, plan_batch_on_device, split_batch
+from extrema.batching import BatchPlan, gradient_sync, plan_batch, plan_batch_on_device, split_batch
 from extrema.checkpoint import FORMAT, CheckpointError
 from extrema.config.evaluation import FinetuneConfig
 from extrema.data import IMAGENET_MEAN, IMAGENET_STD
@@ -266,7 +265,7 @@ class FinetuneTrainer(EvaluationRun):
         for i, rows in enumerate(parts):
             # Gradients are all-reduced on the last micro-step only; each micro-loss is a mean over its equal share
             # of rows, so 1 / len(parts) of it makes the summed gradient the whole batch's mean-loss gradient.
-            with self._sync_gradients(i == len(parts) - 1):
+            with gradient_sync(self.net, i == len(parts) - 1):
                 with autocast(self.cfg.run.precision, self.device):
                     logits = self.net(images[rows], None if drops is None else drops[rows])
                 loss = self.criterion(logits.float(), targets[rows])
@@ -283,12 +282,6 @@ class FinetuneTrainer(EvaluationRun):
         if self.ema is not None:
             self.ema.update(self.model, step=self.step)
         return metrics
-
-    def _sync_gradients(self, sync: bool) -> AbstractContextManager:
-        """DDP's gradient all-reduce only where `sync` (the optimizer step's last micro-step)."""
-        if sync or not isinstance(self.net, DistributedDataParallel):
-            return nullcontext()
-        return self.net.no_sync()
 
     # ---- evaluation ----------------------------------------------------------------------------------------------
     @torch.no_grad()

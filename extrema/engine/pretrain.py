@@ -9,13 +9,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from extrema.batching import AUTO, BatchPlan, largest_fitting_micro_batch, plan_batch, split_batch
+from extrema.batching import AUTO, BatchPlan, gradient_sync, plan_batch, plan_batch_on_device, split_batch
 from extrema.checkpoint import FORMAT, CheckpointError, export_backbone, read_checkpoint
 from extrema.checkpoint import model_state as checkpoint_model_state
 from extrema.config import PretrainConfig
@@ -70,7 +69,8 @@ class PretrainTrainer(CheckpointedRun):
         if cfg.run.threads and self.device.type == "cpu":
             torch.set_num_threads(cfg.run.threads)
         o = cfg.optim
-        plan_batch(o.batch_size, self.dist.world_size, 1)  # the ranks' split first: it needs no model
+        # The split first, before the model and the data scan (auto: the ranks' split; what fits is measured later).
+        plan_batch(o.batch_size, self.dist.world_size, 1 if o.accum_steps == AUTO else o.accum_steps)
         self.batch_per_rank = o.batch_size // self.dist.world_size
 
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
@@ -103,22 +103,31 @@ class PretrainTrainer(CheckpointedRun):
         self.guard = DivergenceGuard(cfg.run.precision, cfg.run.max_skipped_steps)
 
     def _plan_batch(self) -> BatchPlan:
-        """The configured split; for accum_steps=auto on a GPU without run.max_micro_batch, the largest micro-batch
-        that a trial step shows fits (the same on every rank)."""
-        o, run = self.cfg.optim, self.cfg.run
-        budget = run.max_micro_batch
-        if o.accum_steps == AUTO and budget is None and self.device.type == "cuda":
-            budget = largest_fitting_micro_batch(self.batch_per_rank, self._trial_step, self.device, self.optimizer)
-        return plan_batch(o.batch_size, self.dist.world_size, o.accum_steps, max_micro_batch=budget)
+        """The configured split; accum_steps=auto on a GPU without run.max_micro_batch measures what fits."""
+        o = self.cfg.optim
+        return plan_batch_on_device(
+            o.batch_size,
+            self.dist.world_size,
+            o.accum_steps,
+            max_micro_batch=self.cfg.run.max_micro_batch,
+            device=self.device,
+            trial_step=self._trial_step,
+            optimizer=self.optimizer,
+            batch_key="optim.batch_size",
+            accum_key="optim.accum_steps",
+        )
 
     def _trial_step(self, micro_batch: int) -> None:
-        """Forward + backward of `micro_batch` blank images, leaving no gradient or state behind (no optimizer step,
-        no draw from the run's random streams)."""
+        """Forward + backward of `micro_batch` blank images, leaving no gradient or state behind: no optimizer step,
+        and masks from a private generator and keep-every-path draws (no draw from the run's random streams)."""
         size = self.cfg.model.img_size
         views = torch.zeros(micro_batch, 3, size, size, device=self.device)
         keep = self._draw_masks(micro_batch, torch.Generator(self.device).manual_seed(0))
+        depth = len(self.model.base_encoder.blocks)
+        keep_all = torch.ones(keep.shape[0], micro_batch, depth, 2, device=self.device)
+        self.model.train()
         with autocast(self.cfg.run.precision, self.device):
-            out = self.model(views, views, keep)
+            out = self.model(views, views, keep, keep_all)
         self.scaler.scale(out["loss"]).backward()
         self.model.zero_grad(set_to_none=True)
 
@@ -175,7 +184,7 @@ class PretrainTrainer(CheckpointedRun):
         for i, rows in enumerate(parts):
             # Gradients are all-reduced on the last micro-step only; each micro-loss is a mean over its rows, so
             # 1 / len(parts) of it makes the summed gradient the whole batch's mean-loss gradient.
-            with self._sync_gradients(i == len(parts) - 1):
+            with gradient_sync(self.net, i == len(parts) - 1):
                 with autocast(self.cfg.run.precision, self.device):
                     part_drops = None if drops is None else drops[:, rows]
                     out = self.net(student_view[rows], teacher_view[rows], keep[:, rows], part_drops)
@@ -202,12 +211,6 @@ class PretrainTrainer(CheckpointedRun):
         emb = torch.nn.functional.normalize(torch.cat(teacher_embeddings).float(), dim=-1)
         metrics["teacher_std"] = emb.std(dim=0).mean()
         return metrics
-
-    def _sync_gradients(self, sync: bool):
-        """DDP's gradient all-reduce only where `sync` (the optimizer step's last micro-step)."""
-        if sync or not isinstance(self.net, DistributedDataParallel):
-            return nullcontext()
-        return self.net.no_sync()
 
     def _draw_masks(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """(M, B, k) keep-indices of the configured masks, from the trainer's mask stream unless given another."""
