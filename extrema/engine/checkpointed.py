@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from extrema.batching import BatchPlan, plan_batch, plan_batch_on_device
 from extrema.checkpoint import CheckpointManager, read_checkpoint
 from extrema.config import RunConfig
 from extrema.distributed import DistInfo, all_reduce_sum, is_distributed
@@ -139,6 +140,9 @@ class CheckpointedRun:
         )
 
 
+_EVAL_KEYS = {"batch_key": "batch_size", "accum_key": "accum_steps"}
+
+
 class EvaluationRun(CheckpointedRun):
     """A CheckpointedRun that ends in an evaluation's metrics.json (linear probe, fast probe, finetune).
 
@@ -149,6 +153,32 @@ class EvaluationRun(CheckpointedRun):
     cfg: Any
     splits: Any
     weights: Any
+
+    def _configured_plan(self) -> BatchPlan:
+        """The split as configured (`batch_size`, `accum_steps`; auto by run.max_micro_batch, else one step for
+        now): an impossible split fails before any weights are read."""
+        c = self.cfg
+        return plan_batch(
+            c.batch_size, self.dist.world_size, c.accum_steps, max_micro_batch=c.run.max_micro_batch, **_EVAL_KEYS
+        )
+
+    def _measured_plan(self) -> BatchPlan:
+        """The split to train with: for accum_steps=auto on a GPU without run.max_micro_batch, the fewest micro-steps
+        whose `_trial_step` fits (the same on every rank). Needs the trainer's `optimizer`."""
+        c = self.cfg
+        return plan_batch_on_device(
+            c.batch_size,
+            self.dist.world_size,
+            c.accum_steps,
+            max_micro_batch=c.run.max_micro_batch,
+            device=self.device,
+            trial_step=self._trial_step,
+            optimizer=self.optimizer,
+            **_EVAL_KEYS,
+        )
+
+    def _trial_step(self, micro_batch: int) -> None:
+        raise NotImplementedError
 
     def _finished_metrics(self) -> dict | None:
         """The final metrics of a run that already finished at this step (a requeue reports, never redoes)."""

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from extrema.batching import BatchPlan, plan_batch, plan_batch_on_device, split_batch
+from extrema.batching import split_batch
 from extrema.checkpoint import FORMAT, CheckpointError
 from extrema.config.evaluation import LinearProbeConfig
 from extrema.data import make_eval_transform
@@ -92,34 +92,6 @@ class LinearProbeTrainer(EvaluationRun):
         self.wall_time = 0.0
         self.ckpts = run_checkpoints(self.run_dir, cfg.run)
         self.logbook = Logbook(self.run_dir, self.dist.is_main, self.total_steps, PROTOCOL)
-
-    def _configured_plan(self) -> BatchPlan:
-        """The split as configured (accum_steps=auto: by run.max_micro_batch, else one step for now)."""
-        c = self.cfg
-        return plan_batch(
-            c.batch_size,
-            self.dist.world_size,
-            c.accum_steps,
-            max_micro_batch=c.run.max_micro_batch,
-            batch_key="batch_size",
-            accum_key="accum_steps",
-        )
-
-    def _measured_plan(self) -> BatchPlan:
-        """The split to train with: for accum_steps=auto on a GPU without run.max_micro_batch, the fewest micro-steps
-        whose backbone forward a trial shows fits (the same on every rank)."""
-        c = self.cfg
-        return plan_batch_on_device(
-            c.batch_size,
-            self.dist.world_size,
-            c.accum_steps,
-            max_micro_batch=c.run.max_micro_batch,
-            device=self.device,
-            trial_step=self._trial_step,
-            optimizer=self.optimizer,
-            batch_key="batch_size",
-            accum_key="accum_steps",
-        )
 
     def _trial_step(self, micro_batch: int) -> None:
         """The frozen backbone's forward on `micro_batch` blank images (no gradient, no state, no random draw)."""
