@@ -22,6 +22,7 @@ from launch.cancel import cancel_jobs
 from launch.submit import run_command
 from tests.launch_fixtures import make_dataset, slurm_overrides, tiny_overrides
 from tests.slurm_helpers import SlurmCluster
+from tests.test_pretrain_accumulation import _relative
 
 pytestmark = pytest.mark.slurm
 
@@ -104,7 +105,3 @@ def _with_gradient(key: str, weight: torch.Tensor) -> torch.Tensor:
         q, _, v = weight.chunk(3)
         return torch.cat([q, v])
     return weight
-
-
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
