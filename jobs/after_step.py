@@ -22,6 +22,7 @@ from pathlib import Path
 from jobs import interruption as intr
 from jobs.manifest import Manifest, now_iso
 from jobs.runner import PROGRESS_FILE, JobSpec, cancel_dependents, read_progress_step
+from jobs.states import JobState
 from jobs.watchdog import clear_stall_notes, read_stall_notes
 
 log = logging.getLogger(__name__)
@@ -34,14 +35,14 @@ def after_step(spec: JobSpec, step_status: int, job_id: str | None = None) -> in
         return step_status
     manifest = Manifest(spec.experiment_dir)
     job = manifest.job(spec.name) or {}
-    if job.get("state") == "FAILED":
+    if job.get("state") == JobState.FAILED:
         log.error("%s failed (%s): not requeued", spec.name, job.get("reason"))
         return step_status
     attempts = job.get("attempts", [])
     last = attempts[-1] if attempts and attempts[-1].get("job_id") == job_id else None
     if last is not None and last.get("end"):
         log.warning("%s: a rank exited with status %d after the attempt ended", spec.name, step_status)
-        return 0 if job.get("state") in ("COMPLETED", "REQUEUED") else step_status
+        return 0 if job.get("state") in (JobState.COMPLETED, JobState.REQUEUED) else step_status
     cause, detail = _crash_cause(spec, job_id, step_status, last)
     earlier = [a.get("cause") for a in attempts if a is not last and a.get("job_id") == job_id and a.get("cause")]
     refusal = intr.RequeuePolicy(spec.max_requeues, spec.max_timeouts, spec.max_crashes).refusal([*earlier, cause])
@@ -50,7 +51,7 @@ def after_step(spec: JobSpec, step_status: int, job_id: str | None = None) -> in
     if refusal:
         reason = f"{cause} ({detail}), but {refusal}"
         log.error("%s is not requeued: %s", spec.name, reason)
-        manifest.update_job(spec.name, state="FAILED", reason=reason)
+        manifest.update_job(spec.name, state=JobState.FAILED, reason=reason)
         cancel_dependents(manifest, spec.name, f"{spec.name} failed: {reason}")
         return step_status
     return _requeue(manifest, spec, job_id, cause, detail, step_status)
@@ -84,13 +85,13 @@ def _requeue(manifest: Manifest, spec: JobSpec, job_id: str, cause: str, detail:
     from jobs.slurm_cli import SlurmError, requeue, show_job
 
     log.warning("%s: %s (%s); requeueing job %s to resume from its newest checkpoint", spec.name, cause, detail, job_id)
-    manifest.update_job(spec.name, state="REQUEUED", reason=None)
+    manifest.update_job(spec.name, state=JobState.REQUEUED, reason=None)
     restarts = int((show_job(job_id) or {}).get("Restarts", 0) or 0)
     try:
         requeue(job_id, restarts)  # SLURM ends this shell as part of the requeue
     except SlurmError as exc:
         reason = f"{cause}, but the requeue failed: {exc}"
-        manifest.update_job(spec.name, state="FAILED", reason=reason)
+        manifest.update_job(spec.name, state=JobState.FAILED, reason=reason)
         cancel_dependents(manifest, spec.name, f"{spec.name} failed: {reason}")
         return step_status
     return 0

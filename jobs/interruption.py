@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from jobs.slurm_cli import parse_duration_s
+from jobs.states import JobState
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +84,9 @@ def classify(
         attempt_start = attempt_start.astimezone().replace(tzinfo=None)  # SLURM prints naive local times
     if preempt_time is not None and (attempt_start is None or preempt_time >= attempt_start.replace(microsecond=0)):
         return Interruption(PREEMPTED, f"{first}; PreemptTime={record['PreemptTime']}")
-    if state.startswith("CANCELLED"):
+    if state.startswith(JobState.CANCELLED):
         return Interruption(CANCELLED, f"{first}; JobState={state}")
-    if "REQUEUE" in state or state == "COMPLETING" and first == "SIGTERM":
+    if "REQUEUE" in state or state == JobState.COMPLETING and first == "SIGTERM":
         return Interruption(REQUEUED, f"{first}; JobState={state}")
     if first == "SIGUSR2":
         limit = parse_duration_s(record.get("TimeLimit", ""))
@@ -103,14 +104,14 @@ def cause_from_accounting(state: str) -> str | None:
     """The cause of an ended attempt from its `sacct --duplicates` State (None when it says nothing)."""
     state = state.split()[0] if state else ""
     return {
-        "PREEMPTED": PREEMPTED,
-        "REQUEUED": REQUEUED,
-        "TIMEOUT": TIMEOUT,
-        "CANCELLED": CANCELLED,
-        "NODE_FAIL": NODE_FAIL,
-        "OUT_OF_MEMORY": "out_of_memory",
-        "FAILED": "failed",
-        "BOOT_FAIL": "boot_fail",
+        JobState.PREEMPTED: PREEMPTED,
+        JobState.REQUEUED: REQUEUED,
+        JobState.TIMEOUT: TIMEOUT,
+        JobState.CANCELLED: CANCELLED,
+        JobState.NODE_FAIL: NODE_FAIL,
+        JobState.OUT_OF_MEMORY: "out_of_memory",
+        JobState.FAILED: "failed",
+        JobState.BOOT_FAIL: "boot_fail",
     }.get(state)
 
 

@@ -26,6 +26,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from jobs.states import JobState
+
 MANIFEST_NAME = "manifest.json"
 VERSION = 1
 
@@ -83,7 +85,7 @@ class Manifest:
             attempts = job.setdefault("attempts", [])
             attempt = {"n": len(attempts) + 1, **attempt}
             attempts.append(attempt)
-            job["state"] = "RUNNING"
+            job["state"] = JobState.RUNNING
             job["reason"] = None
             return attempt["n"]
 

@@ -35,6 +35,7 @@ from jobs import interruption as intr
 from jobs.dist_env import TaskPlace, detect_place, export_rendezvous
 from jobs.manifest import Manifest, now_iso
 from jobs.signals import StopFlag
+from jobs.states import JobState
 from jobs.watchdog import StallWatchdog, clear_stall_notes, read_stall_notes, stall_note_path
 
 log = logging.getLogger(__name__)
@@ -206,7 +207,7 @@ def run_attempt(spec: JobSpec, flag: StopFlag | None = None) -> JobOutcome:
             raise RuntimeError(f"not running again: {refusal}")
         outcome = attempt.train(flag)
     except KeyboardInterrupt:
-        attempt.end(intr.INTERRUPTED, "KeyboardInterrupt before training started", "INTERRUPTED")
+        attempt.end(intr.INTERRUPTED, "KeyboardInterrupt before training started", JobState.INTERRUPTED)
         raise
     except Exception as exc:
         symptom = intr.crash_symptom(exc)
@@ -298,7 +299,7 @@ class _Attempt:
         except SlurmError as exc:
             log.warning("cannot read accounting for the previous attempt: %s", exc)
             return None
-        ended = [r for r in rows if r["State"].split()[0] not in ("RUNNING", "PENDING")]
+        ended = [r for r in rows if r["State"].split()[0] not in (JobState.RUNNING, JobState.PENDING)]
         match = [r for r in ended if r["Start"] == last.get("slurm_start")] or ended[-1:]
         if not match:
             return None
@@ -315,7 +316,7 @@ class _Attempt:
         if self.manifest is None or self.number is None:
             return
         self.manifest.update_attempt(self.spec.name, self.number, end=now_iso(), cause=cause, detail=detail, **fields)
-        self.manifest.update_job(self.spec.name, state=state, reason=None if state == "COMPLETED" else detail)
+        self.manifest.update_job(self.spec.name, state=state, reason=None if state == JobState.COMPLETED else detail)
 
     def fail(self, exc: BaseException, cause: str = intr.ERROR) -> None:
         """Record a real error (any rank may hold it) and cancel the jobs that depend on this one."""
@@ -326,7 +327,7 @@ class _Attempt:
             return
         if self.number is not None:
             manifest.update_attempt(self.spec.name, self.number, end=now_iso(), cause=cause, detail=detail)
-        manifest.update_job(self.spec.name, state="FAILED", reason=detail)
+        manifest.update_job(self.spec.name, state=JobState.FAILED, reason=detail)
         cancel_dependents(manifest, self.spec.name, f"{self.spec.name} failed: {detail}")
 
     def lost_peer(self, symptom: str) -> None:
@@ -377,7 +378,7 @@ class _Attempt:
         if result.status == "finished":
             if self.progress_path is not None:
                 _write_progress(self.progress_path, result.step, getattr(trainer, "total_steps", None))
-            self.end("finished", "schedule done", "COMPLETED", **steps)
+            self.end("finished", "schedule done", JobState.COMPLETED, **steps)
             return JobOutcome("finished", "finished", result.step, result.metrics)
         return self._after_stop(flag, result.step, steps)
 
@@ -404,7 +405,7 @@ class _Attempt:
             detail = (
                 f"{flag.first_signal or 'a stop of another rank'} outside SLURM: run the same command again to resume"
             )
-            self.end(intr.INTERRUPTED, detail, "INTERRUPTED", signals=flag.names(), **steps)
+            self.end(intr.INTERRUPTED, detail, JobState.INTERRUPTED, signals=flag.names(), **steps)
             return JobOutcome("stopped", intr.INTERRUPTED, step, detail=detail)
         from jobs.slurm_cli import SlurmError, requeue, show_job
 
@@ -421,19 +422,19 @@ class _Attempt:
         fields = {"signals": flag.names(), **steps}
         log.warning("stopped at step %d: %s (%s)", step, cause, detail)
         if cause in (intr.CANCELLED, intr.INTERRUPTED):
-            self.end(cause, detail, cause.upper(), **fields)
+            self.end(cause, detail, JobState(cause.upper()), **fields)
             return JobOutcome("stopped", cause, step, detail=detail)
         if cause == intr.REQUEUED:
-            self.end(cause, detail, "REQUEUED", **fields)
+            self.end(cause, detail, JobState.REQUEUED, **fields)
             return JobOutcome("requeued", cause, step, detail=detail)
         refusal = self.policy.refusal(self._previous_causes() + [cause])
         if refusal:
-            self.end(cause, detail, "FAILED", **fields)
+            self.end(cause, detail, JobState.FAILED, **fields)
             self._mark_failed(f"{cause}, but {refusal}")
             return JobOutcome("failed", cause, step, detail=refusal)
         # A preempted job that exits before GraceTime ends is recorded COMPLETED (and its dependents
         # would start), so every cause that should come back is requeued here, by the job itself.
-        self.end(cause, detail, "REQUEUED", **fields)
+        self.end(cause, detail, JobState.REQUEUED, **fields)
         try:
             requeue(self.place.job_id, restarts_now)
         except SlurmError as exc:
@@ -451,7 +452,7 @@ class _Attempt:
     def _mark_failed(self, reason: str) -> None:
         log.error("job %s is not requeued: %s", self.spec.name, reason)
         if self.manifest is not None:
-            self.manifest.update_job(self.spec.name, state="FAILED", reason=reason)
+            self.manifest.update_job(self.spec.name, state=JobState.FAILED, reason=reason)
             cancel_dependents(self.manifest, self.spec.name, f"{self.spec.name} failed: {reason}")
 
 
@@ -478,7 +479,7 @@ def cancel_dependents(manifest: Manifest, name: str, reason: str) -> list[str]:
                 doomed.append(other)
                 frontier.append(other)
     to_cancel = [
-        jobs[d]["job_id"] for d in doomed if jobs[d].get("job_id") and jobs[d].get("state") not in ("COMPLETED",)
+        jobs[d]["job_id"] for d in doomed if jobs[d].get("job_id") and jobs[d].get("state") not in (JobState.COMPLETED,)
     ]
     if to_cancel and any(jobs[d].get("backend") == "slurm" for d in doomed):
         from jobs.slurm_cli import cancel
@@ -487,8 +488,8 @@ def cancel_dependents(manifest: Manifest, name: str, reason: str) -> list[str]:
     with manifest.edit() as data:
         for d in doomed:
             entry = data["jobs"][d]
-            if entry.get("state") != "COMPLETED":
-                entry.update(state="CANCELLED", reason=f"dependency {reason}")
+            if entry.get("state") != JobState.COMPLETED:
+                entry.update(state=JobState.CANCELLED, reason=f"dependency {reason}")
     if doomed:
         log.warning("cancelled %s: %s", ", ".join(doomed), reason)
     return doomed

@@ -9,6 +9,7 @@ from rich.console import Console
 from jobs.manifest import Manifest
 from jobs.runner import cancel_dependents
 from jobs.slurm_cli import cancel
+from jobs.states import JobState
 from launch.jobstate import current_views
 
 
@@ -25,7 +26,7 @@ def cancel_jobs(experiment_dir: Path, jobs: list[str], console: Console) -> list
     chosen = [name for name in (jobs or list(entries)) if views[name].alive and entries[name].get("backend") == "slurm"]
     cancel([entries[name]["job_id"] for name in chosen])
     for name in chosen:
-        manifest.update_job(name, state="CANCELLED", reason="cancelled with `launch cancel`")
+        manifest.update_job(name, state=JobState.CANCELLED, reason="cancelled with `launch cancel`")
         cancel_dependents(manifest, name, f"{name} was cancelled with `launch cancel`")
         console.print(f"cancelled {name} (job {entries[name]['job_id']})")
     if not chosen:

@@ -7,31 +7,11 @@ import logging
 from dataclasses import dataclass, field
 
 from jobs.slurm_cli import SlurmError, parse_duration_s, sacct_records, show_job, squeue_states
+from jobs.states import ALIVE, FINAL_FAILURES, JobState
 
 log = logging.getLogger(__name__)
 
-ALIVE = frozenset(
-    {
-        "PENDING",
-        "RUNNING",
-        "REQUEUED",
-        "REQUEUE_HOLD",
-        "REQUEUE_FED",
-        "CONFIGURING",
-        "COMPLETING",
-        "SUSPENDED",
-        "RESIZING",
-        "PREEMPTED",
-        "SIGNALING",
-        "STAGE_OUT",
-        "RESV_DEL_HOLD",
-        "STOPPED",
-    }
-)
-DONE = "COMPLETED"
-FINAL_FAILURES = frozenset(
-    {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "INTERRUPTED"}
-)
+DONE = JobState.COMPLETED
 
 
 @dataclass
@@ -60,8 +40,8 @@ class JobView:
 
 
 def _state_word(state: str) -> str:
-    # sacct prints "CANCELLED by 0"; scontrol may print "PENDING" etc.
-    return state.split()[0].rstrip("+") if state else "UNKNOWN"
+    # sacct prints `CANCELLED by 0`; scontrol may print a bare word such as PENDING.
+    return state.split()[0].rstrip("+") if state else JobState.UNKNOWN
 
 
 def slurm_views(job_ids: list[str]) -> tuple[dict[str, JobView], str]:
@@ -76,7 +56,7 @@ def slurm_views(job_ids: list[str]) -> tuple[dict[str, JobView], str]:
         return _views_without_accounting(ids), "squeue"
     views: dict[str, JobView] = {}
     for row in rows:
-        views.setdefault(row["JobID"], JobView("UNKNOWN", "sacct")).runs.append(row)
+        views.setdefault(row["JobID"], JobView(JobState.UNKNOWN, "sacct")).runs.append(row)
     for view in views.values():
         last = view.runs[-1]
         view.state = _state_word(last["State"])
@@ -131,7 +111,7 @@ def job_view(entry: dict, slurm: dict[str, JobView]) -> JobView:
             # Why a job ended (our record: "dependency pretrain failed: ...") says more than SLURM's word.
             view.reason = entry["reason"]
         return view
-    return JobView(entry.get("state", "UNKNOWN"), "manifest", entry.get("reason") or "")
+    return JobView(entry.get("state", JobState.UNKNOWN), "manifest", entry.get("reason") or "")
 
 
 def _earlier_ids(entry: dict) -> list[str]:
@@ -158,10 +138,12 @@ def current_views(entries: dict[str, dict]) -> tuple[dict[str, JobView], str]:
             views[name].elapsed_s += sum(slurm[i].elapsed_s for i in earlier[name] if i in slurm)
             if views[name].source == "manifest" and views[name].state in ALIVE:
                 # Neither accounting nor the controller knows it: it cannot be pending or running.
-                views[name].state = "UNKNOWN"
+                views[name].state = JobState.UNKNOWN
         else:
-            state = entry.get("state", "UNKNOWN")
+            state = entry.get("state", JobState.UNKNOWN)
             views[name] = JobView(
-                state if state in (DONE, *FINAL_FAILURES) else "INTERRUPTED", "manifest", entry.get("reason") or ""
+                state if state in (DONE, *FINAL_FAILURES) else JobState.INTERRUPTED,
+                "manifest",
+                entry.get("reason") or "",
             )
     return views, source

@@ -18,6 +18,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from jobs.runner import CheckpointableJob, JobOutcome, JobSpec, run_attempt
+from jobs.states import JobState
 from launch.experiment import Experiment, job_spec, write_job_config
 from launch.plan import DONE_ACTION, SUBMIT, PlannedJob
 from launch.schema import ClusterConfig, LaunchConfig
@@ -39,7 +40,9 @@ def run_planned(exp: Experiment, cfg: LaunchConfig, planned: list[PlannedJob]) -
         name = p.node.name
         missing = [d for d in p.node.depends_on if d not in ok]
         if missing:
-            exp.manifest.update_job(name, state="CANCELLED", reason=f"dependency {', '.join(missing)} did not complete")
+            exp.manifest.update_job(
+                name, state=JobState.CANCELLED, reason=f"dependency {', '.join(missing)} did not complete"
+            )
             continue
         write_job_config(exp, name, p.node.config)
         with exp.manifest.edit() as data:
@@ -52,7 +55,7 @@ def run_planned(exp: Experiment, cfg: LaunchConfig, planned: list[PlannedJob]) -
                 config=os.path.relpath(exp.job_config(name), exp.dir),
                 nodes=1,
                 gpus_per_node=cfg.cluster.gpus_per_node,
-                state="PENDING",
+                state=JobState.PENDING,
                 reason=None,
             )
         spec = job_spec(exp, name, p.node.task, cfg.cluster)

@@ -9,6 +9,7 @@ import os
 from jobs.manifest import now_iso
 from jobs.runner import CheckpointableJob
 from jobs.slurm_cli import cancel
+from jobs.states import JobState
 from launch.experiment import Experiment, job_spec, write_job_config
 from launch.jobstate import JobView
 from launch.plan import SUBMIT, PlannedJob
@@ -53,7 +54,7 @@ def submit_planned(exp: Experiment, cfg: LaunchConfig, planned: list[PlannedJob]
                 submitit_dir=os.path.relpath(exp.submitit_dir(name), exp.dir),
                 nodes=p.node.nodes,
                 gpus_per_node=cfg.cluster.gpus_per_node,
-                state="SUBMITTING",
+                state=JobState.SUBMITTING,
                 reason=None,
             )
         executor = make_executor(p.node, cfg.cluster, exp, after)
@@ -68,8 +69,8 @@ def submit_planned(exp: Experiment, cfg: LaunchConfig, planned: list[PlannedJob]
                 log=os.path.relpath(job.paths.stdout, exp.dir),
                 script=os.path.relpath(job.paths.submission_file, exp.dir),
             )
-            if entry.get("state") == "SUBMITTING":  # the job may already have started and said RUNNING
-                entry["state"] = "PENDING"
+            if entry.get("state") == JobState.SUBMITTING:  # the job may already have started and said RUNNING
+                entry["state"] = JobState.PENDING
             entry.setdefault("submissions", []).append({"job_id": job_id, "time": now_iso(), "after": after})
         log.info("submitted %s as job %s%s", name, job_id, f" (afterok:{':'.join(after)})" if after else "")
     return submitted

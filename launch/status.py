@@ -16,10 +16,17 @@ from rich.markup import escape
 from rich.table import Table
 
 from jobs.manifest import MANIFEST_NAME, Manifest
+from jobs.states import JobState
 from launch.jobstate import JobView, current_views
 from launch.progress import Progress, read_progress
 
-STATE_COLOURS = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow", "FAILED": "red", "CANCELLED": "red"}
+STATE_COLOURS = {
+    JobState.COMPLETED: "green",
+    JobState.RUNNING: "cyan",
+    JobState.PENDING: "yellow",
+    JobState.FAILED: "red",
+    JobState.CANCELLED: "red",
+}
 
 
 @dataclass
