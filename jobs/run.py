@@ -17,8 +17,8 @@ import argparse
 import logging
 import sys
 
-from jobs.runner import JobSpec
 from jobs.signals import StopFlag
+from jobs.spec import JobSpec
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -28,11 +28,21 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("run_dir", help="the task's run folder (checkpoints, metrics)")
     parser.add_argument("--experiment-dir", help="experiment folder whose manifest records the attempts")
     parser.add_argument("--job-name", help="this job's name in the manifest (default: the task)")
-    parser.add_argument("--max-requeues", type=int, default=100, help="requeues of any cause before failing")
-    parser.add_argument("--max-timeouts", type=int, default=20, help="time-limit requeues before failing")
-    parser.add_argument("--max-crashes", type=int, default=3, help="crashed or stalled attempts before failing")
-    parser.add_argument("--signal-delay-s", type=int, default=120, help="seconds between USR2 and the time limit")
-    parser.add_argument("--step-pause-s", type=float, default=0.0, help="test knob: sleep at each step boundary")
+    parser.add_argument(
+        "--max-requeues", type=int, default=JobSpec.max_requeues, help="requeues of any cause before failing"
+    )
+    parser.add_argument(
+        "--max-timeouts", type=int, default=JobSpec.max_timeouts, help="time-limit requeues before failing"
+    )
+    parser.add_argument(
+        "--max-crashes", type=int, default=JobSpec.max_crashes, help="crashed or stalled attempts before failing"
+    )
+    parser.add_argument(
+        "--signal-delay-s", type=int, default=JobSpec.signal_delay_s, help="seconds between USR2 and the time limit"
+    )
+    parser.add_argument(
+        "--step-pause-s", type=float, default=JobSpec.step_pause_s, help="test knob: sleep at each step boundary"
+    )
     parser.add_argument("--after-step-status", type=int, help="run by the batch shell after srun exited with this")
     return parser.parse_args(argv)
 

@@ -35,6 +35,7 @@ from jobs import interruption as intr
 from jobs.dist_env import TaskPlace, detect_place, export_rendezvous
 from jobs.manifest import Manifest, now_iso
 from jobs.signals import StopFlag
+from jobs.spec import JobSpec
 from jobs.states import JobState
 from jobs.watchdog import StallWatchdog, clear_stall_notes, read_stall_notes, stall_note_path
 
@@ -43,36 +44,6 @@ log = logging.getLogger(__name__)
 PROGRESS_FILE = ".progress.json"
 EXIT_CRASHED = 75
 """Exit status of a rank that ended because another process of the job died or hung."""
-
-
-@dataclass
-class JobSpec:
-    """What a job runs; everything else (progress, checkpoints) is found in the run folder."""
-
-    task: str
-    """pretrain, linprobe, fastprobe or finetune."""
-    config_path: str
-    """YAML of the task's typed config."""
-    run_dir: str
-    """The task's run folder (checkpoints/, metrics.jsonl, metrics.json)."""
-    experiment_dir: str | None = None
-    """Folder of the experiment manifest to record attempts in; None = record nothing."""
-    job_name: str | None = None
-    """This job's key in the manifest (defaults to the task name)."""
-    max_requeues: int = 100
-    """Requeues of any cause before the job is failed (a guard against loops)."""
-    max_timeouts: int = 20
-    """Requeues at the time limit before the job is failed; preemptions do not count."""
-    max_crashes: int = 3
-    """Requeues after a crashed or stalled attempt before the job is failed; preemptions do not count."""
-    signal_delay_s: int = 120
-    """How long before the time limit SLURM sends USR2 (`--signal=USR2@N`); used to recognise a timeout."""
-    step_pause_s: float = 0.0
-    """Sleep this long at every step boundary. Only for tests that must interrupt a toy model mid-run."""
-
-    @property
-    def name(self) -> str:
-        return self.job_name or self.task
 
 
 @dataclass

@@ -13,6 +13,7 @@ from hydra.core.config_store import ConfigStore
 
 from extrema.config import FastProbeConfig, FinetuneConfig, LinearProbeConfig, PretrainConfig
 from extrema.config.common import check_choice, check_positive
+from jobs.spec import JobSpec
 from launch.script_safety import check_env, check_no_control, check_one_token, check_path_component, check_sbatch_extra
 
 BACKENDS = ("local", "slurm")
@@ -60,13 +61,13 @@ class ClusterConfig:
     """Time limit of each attempt in minutes; the job saves and requeues itself before it."""
     constraint: str | None = None
     """Node features (`--constraint`), e.g. a GPU type."""
-    signal_delay_s: int = 120
+    signal_delay_s: int = JobSpec.signal_delay_s
     """USR2 comes this many seconds before the time limit (`--signal=USR2@N`): time to finish a step and save."""
-    max_requeues: int = 100
+    max_requeues: int = JobSpec.max_requeues
     """Requeues of any cause before a job is failed (guards against loops)."""
-    max_timeouts: int = 20
+    max_timeouts: int = JobSpec.max_timeouts
     """Requeues at the time limit before a job is failed; preemptions never count."""
-    max_crashes: int = 3
+    max_crashes: int = JobSpec.max_crashes
     """Requeues after a crashed rank (killed by a signal, out of memory, lost its peer) or a stalled attempt
     before a job is failed; preemptions and time limits never count."""
     eval_nodes: int = 1
@@ -81,7 +82,7 @@ class ClusterConfig:
     """Environment variables of every rank (e.g. NCCL or GLOO settings)."""
     python: str | None = None
     """Python interpreter on the nodes; None = the one running the launcher."""
-    step_pause_s: float = 0.0
+    step_pause_s: float = JobSpec.step_pause_s
     """Test knob: every rank sleeps this long at each step boundary (lets tests interrupt a toy run mid-way)."""
 
     def __post_init__(self) -> None:

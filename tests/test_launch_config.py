@@ -412,3 +412,14 @@ def test_colour_presets_colour_on_the_gpu_and_on_the_cpu_of_a_cpu_run(preset: st
     cfg.color_on_device = True  # what None gives on CUDA, forced here: the workers ship uint8 crops
     forced = PretrainData(cfg, DistInfo(), 4, torch.device("cpu"), tmp_path)
     assert isinstance(forced.dataset.transform, CropForDeviceColor)
+
+
+def test_cluster_budget_defaults_come_from_the_job_spec() -> None:
+    # One default per value: the launcher's cluster config does not restate the job's requeue budgets.
+    from jobs.run import _parse
+    from jobs.spec import JobSpec
+    from launch.schema import ClusterConfig
+
+    cluster, spec, parsed = ClusterConfig(), JobSpec("pretrain", "c.yaml", "run"), _parse(["pretrain", "c.yaml", "run"])
+    for name in ("signal_delay_s", "max_requeues", "max_timeouts", "max_crashes", "step_pause_s"):
+        assert getattr(cluster, name) == getattr(spec, name) == getattr(parsed, name), name

@@ -1,0 +1,36 @@
+"""What a job runs (`JobSpec`): the one definition of the values the launcher hands to a node, and of their
+defaults; the launcher's cluster config takes its defaults from here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class JobSpec:
+    """What a job runs; everything else (progress, checkpoints) is found in the run folder."""
+
+    task: str
+    """pretrain, linprobe, fastprobe or finetune."""
+    config_path: str
+    """YAML of the task's typed config."""
+    run_dir: str
+    """The task's run folder (checkpoints/, metrics.jsonl, metrics.json)."""
+    experiment_dir: str | None = None
+    """Folder of the experiment manifest to record attempts in; None = record nothing."""
+    job_name: str | None = None
+    """This job's key in the manifest (defaults to the task name)."""
+    max_requeues: int = 100
+    """Requeues of any cause before the job is failed (a guard against loops)."""
+    max_timeouts: int = 20
+    """Requeues at the time limit before the job is failed; preemptions do not count."""
+    max_crashes: int = 3
+    """Requeues after a crashed or stalled attempt before the job is failed; preemptions do not count."""
+    signal_delay_s: int = 120
+    """How long before the time limit SLURM sends USR2 (`--signal=USR2@N`); used to recognise a timeout."""
+    step_pause_s: float = 0.0
+    """Sleep this long at every step boundary. Only for tests that must interrupt a toy model mid-run."""
+
+    @property
+    def name(self) -> str:
+        return self.job_name or self.task
