@@ -10,7 +10,7 @@ from jobs.manifest import Manifest
 from jobs.runner import cancel_dependents
 from jobs.slurm_cli import cancel
 from jobs.states import JobState
-from launch.jobstate import current_views
+from launch.reporting.jobstate import current_views
 
 
 def cancel_jobs(experiment_dir: Path, jobs: list[str], console: Console) -> list[str]:

@@ -110,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _is_user_error(exc: Exception) -> bool:
     from jobs.slurm_cli import SlurmError
-    from launch.compose import ConfigError
-    from launch.experiment import ExperimentConflict
-    from launch.validate import ValidationError
+    from launch.config.compose import ConfigError
+    from launch.planning.experiment import ExperimentConflict
+    from launch.planning.validate import ValidationError
 
     user_errors = (ConfigError, ValidationError, ExperimentConflict, SlurmError, FileNotFoundError, ValueError)
     return isinstance(exc, user_errors)
@@ -121,7 +121,7 @@ def _is_user_error(exc: Exception) -> bool:
 def _dispatch(args: argparse.Namespace, console: Console) -> int:
     if args.command in SUBMIT_COMMANDS:
         if args.multirun:
-            from launch.sweep import run_sweep
+            from launch.config.sweep import run_sweep
 
             return run_sweep(args.command, args.overrides, args.dry_run)
         from launch.submit import run_command
@@ -130,13 +130,13 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     if args.command == "config":
         from omegaconf import OmegaConf
 
-        from launch.compose import load_launch_config
+        from launch.config.compose import load_launch_config
 
         cfg = load_launch_config(args.overrides)
         if args.describe is None:
             console.out(OmegaConf.to_yaml(OmegaConf.structured(cfg)), highlight=False)
             return 0
-        from launch.describe import describe
+        from launch.reporting.describe import describe
 
         rows = describe(cfg, args.describe)
         if not rows:
@@ -145,17 +145,17 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
             console.out(f"{key} ({kind}) = {value!r}\n    {meaning}", highlight=False)
         return 0
     if args.command == "status":
-        from launch.status import show_status
+        from launch.reporting.status import show_status
 
         show_status(args.path, console)
         return 0
     if args.command == "results":
-        from launch.results import write_results
+        from launch.reporting.results import write_results
 
         write_results(args.root, Path(args.out) if args.out else args.root, console)
         return 0
     if args.command == "logs":
-        from launch.logs import show_logs
+        from launch.reporting.logs import show_logs
 
         show_logs(args.experiment, args.job, args.lines, console)
         return 0

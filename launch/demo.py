@@ -33,10 +33,10 @@ from extrema.checkpoint import FORMAT, atomic_save, read_checkpoint
 from extrema.config import PretrainConfig
 from extrema.data.synthetic import SyntheticSpec, generate_synthetic_dataset
 from jobs.manifest import Manifest
-from launch.compose import load_launch_config
-from launch.progress import read_log, read_progress
-from launch.results import ResultRow, csv_table, experiment_row, markdown_table
-from launch.status import format_duration
+from launch.config.compose import load_launch_config
+from launch.reporting.progress import read_log, read_progress
+from launch.reporting.results import ResultRow, csv_table, experiment_row, markdown_table
+from launch.reporting.status import format_duration
 from launch.submit import run_command
 
 log = logging.getLogger(__name__)

@@ -13,14 +13,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from launch.compose import load_launch_config
-from launch.dag import build_dag, render_dag
-from launch.experiment import Experiment, ExperimentConflict, check_ownership, prepare
-from launch.jobstate import current_views
-from launch.milestones import milestone_evaluations
-from launch.plan import SUBMIT, PlannedJob, plan_jobs
-from launch.schema import LaunchConfig
-from launch.validate import validate
+from launch.config.compose import load_launch_config
+from launch.config.schema import LaunchConfig
+from launch.planning.dag import build_dag, render_dag
+from launch.planning.experiment import Experiment, ExperimentConflict, check_ownership, prepare
+from launch.planning.milestones import milestone_evaluations
+from launch.planning.plan import SUBMIT, PlannedJob, plan_jobs
+from launch.planning.validate import validate
+from launch.reporting.jobstate import current_views
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def run_with_config(command: str, cfg: LaunchConfig, dry_run: bool, console: Con
         console.print(f"[green]nothing to submit[/]: every job of {escape(str(exp.dir))} is done or already queued")
         return CommandResult(exp, planned, {})
     if cfg.cluster.backend == "slurm":
-        from launch.slurm_backend import check_with_sbatch, submit_planned
+        from launch.backends.slurm import check_with_sbatch, submit_planned
 
         check_with_sbatch(exp, cfg, planned)
         prepare(exp, cfg)
@@ -98,7 +98,7 @@ def run_with_config(command: str, cfg: LaunchConfig, dry_run: bool, console: Con
             console.print(f"submitted [bold]{name}[/] as SLURM job {job_id}")
         console.print(escape(f"follow it with: python -m launch status {exp.dir}"))
         return CommandResult(exp, planned, submitted)
-    from launch.local_backend import run_planned
+    from launch.backends.local import run_planned
 
     prepare(exp, cfg)
     code = run_planned(exp, cfg, planned)
@@ -124,7 +124,7 @@ def show_dry_run(console: Console, exp: Experiment, cfg: LaunchConfig, planned: 
     if cfg.cluster.backend != "slurm":
         console.print("(local backend: the jobs run one after the other on this machine)")
         return
-    from launch.sbatch import batch_script
+    from launch.backends.sbatch import batch_script
 
     for p in planned:
         if p.action != SUBMIT:

@@ -20,9 +20,9 @@ from extrema.checkpoint import read_checkpoint
 from extrema.data.synthetic import generate_synthetic_dataset
 from extrema.engine.pretrain import PretrainTrainer
 from jobs.manifest import Manifest
-from launch.compose import load_launch_config
+from launch.config.compose import load_launch_config
 from launch.demo import DATASETS, write_random_init
-from launch.progress import read_log
+from launch.reporting.progress import read_log
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = "demo_smoke"

@@ -61,7 +61,7 @@ def test_the_job_sets_the_cublas_setting_before_it_joins_the_process_group(
     import jobs.runner
     from jobs.config_io import save_config
     from jobs.runner import JobSpec, run_attempt
-    from launch.compose import load_launch_config
+    from launch.config.compose import load_launch_config
     from tests.launch_fixtures import make_dataset, tiny_overrides
 
     data = make_dataset(tmp_path / "data")

@@ -32,7 +32,7 @@ from rich.console import Console
 from extrema.checkpoint import CheckpointManager, read_checkpoint
 from jobs.manifest import Manifest
 from jobs.runner import PROGRESS_FILE
-from launch.status import show_status, steps_lost
+from launch.reporting.status import show_status, steps_lost
 from launch.submit import run_command
 from tests.launch_fixtures import REPO, make_dataset, slurm_overrides, tiny_overrides
 from tests.slurm_helpers import (

@@ -19,7 +19,7 @@ from extrema.checkpoint import CheckpointManager, read_checkpoint
 from jobs.config_io import save_config
 from jobs.manifest import Manifest
 from jobs.runner import PROGRESS_FILE, JobSpec, run_attempt
-from launch.compose import load_launch_config
+from launch.config.compose import load_launch_config
 from tests.launch_fixtures import REPO, make_dataset, tiny_overrides
 
 

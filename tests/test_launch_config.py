@@ -11,11 +11,11 @@ import torch
 
 from extrema.checkpoint import FORMAT, atomic_save
 from extrema.models.siamese import create_model
-from launch.compose import ConfigError, load_launch_config
-from launch.experiment import Experiment, ExperimentConflict, check_ownership, is_amendable, prepare
-from launch.sbatch import batch_script
+from launch.backends.sbatch import batch_script
+from launch.config.compose import ConfigError, load_launch_config
+from launch.planning.experiment import Experiment, ExperimentConflict, check_ownership, is_amendable, prepare
+from launch.planning.validate import ValidationError
 from launch.submit import plan_command, run_command
-from launch.validate import ValidationError
 from tests.image_data import write_image_folder
 from tests.launch_fixtures import make_dataset, run_launch, tiny_overrides
 
@@ -72,8 +72,8 @@ def _readme_recipe_commands() -> list[list[str]]:
 
 def test_the_readme_recipe_on_fewer_gpus_keeps_the_global_batch(tmp_path: Path) -> None:
     from extrema.batching import plan_batch
-    from launch.dag import build_dag
-    from launch.validate import check_batch_divisible
+    from launch.planning.dag import build_dag
+    from launch.planning.validate import check_batch_divisible
 
     commands = _readme_recipe_commands()
     recipe = load_launch_config(["experiment=vitb_80x5_color"]).pretrain
@@ -117,7 +117,7 @@ def test_every_cluster_knob_reaches_the_batch_script(tmp_path: Path) -> None:
         "cluster.setup=[module load cuda]",
     ]
     cfg = load_launch_config(overrides)
-    from launch.dag import build_dag
+    from launch.planning.dag import build_dag
 
     exp = Experiment.of(cfg)
     script = batch_script(build_dag(cfg, "pretrain", exp)[0], cfg.cluster, exp, after=[])
@@ -362,7 +362,7 @@ def test_demo_takes_its_options_directly(tmp_path: Path) -> None:
 
 
 def test_sweep_checks_every_member_before_anything_runs(data: Path, tmp_path: Path) -> None:
-    from launch.sweep import run_sweep
+    from launch.config.sweep import run_sweep
 
     swept = ["pretrain.mask.ratio=0.8,0.75", "pretrain.mask.num_masks=4,5"]  # 75% x 5 needs 80 of 64 tokens
     with pytest.raises(ConfigError, match=r"sweep member pretrain.mask.ratio=0.75 pretrain.mask.num_masks=5: "):
@@ -374,7 +374,7 @@ def test_sweep_checks_every_member_before_anything_runs(data: Path, tmp_path: Pa
 def test_sweep_members_are_experiments_named_after_the_swept_values(
     data: Path, tmp_path: Path, capsys, monkeypatch, prefix: str
 ):
-    from launch.sweep import run_sweep
+    from launch.config.sweep import run_sweep
 
     monkeypatch.setenv("COLUMNS", "300")  # rich wraps at 80 columns without a terminal
     swept = [f"{prefix}pretrain.mask.ratio=0.8,0.9", "pretrain.mask.num_masks=4,5"]
@@ -418,7 +418,7 @@ def test_cluster_budget_defaults_come_from_the_job_spec() -> None:
     # One default per value: the launcher's cluster config does not restate the job's requeue budgets.
     from jobs.run import _parse
     from jobs.spec import JobSpec
-    from launch.schema import ClusterConfig
+    from launch.config.schema import ClusterConfig
 
     cluster, spec, parsed = ClusterConfig(), JobSpec("pretrain", "c.yaml", "run"), _parse(["pretrain", "c.yaml", "run"])
     for name in ("signal_delay_s", "max_requeues", "max_timeouts", "max_crashes", "step_pause_s"):

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from launch.planning.validate import ValidationError
 from launch.submit import run_command
-from launch.validate import ValidationError
 from tests.image_data import write_image_folder
 from tests.launch_fixtures import make_dataset, tiny_overrides
 

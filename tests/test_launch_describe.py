@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 from launch.cli import main
-from launch.describe import describe, field_docs
-from launch.schema import ClusterConfig
+from launch.config.schema import ClusterConfig
+from launch.reporting.describe import describe, field_docs
 
 
 def test_describe_prints_the_value_type_and_docstring_of_each_key_under_the_prefix(capsys) -> None:
@@ -33,7 +33,7 @@ def test_hydras_cfg_job_prints_the_composed_config(capsys) -> None:
 
 
 def test_describe_walks_nested_configs() -> None:
-    from launch.compose import load_launch_config
+    from launch.config.compose import load_launch_config
 
     rows = describe(load_launch_config(["experiment=tiny"]), "pretrain.mask.")
     assert [r[0] for r in rows][:2] == ["pretrain.mask.ratio", "pretrain.mask.num_masks"]

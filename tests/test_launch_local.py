@@ -11,10 +11,10 @@ from rich.console import Console
 
 from extrema.batching import BatchPlan
 from jobs.manifest import Manifest
-from launch.compose import load_launch_config
-from launch.progress import read_final_metrics
-from launch.results import COLUMNS, batch_summary, collate, write_results
-from launch.status import describe_batch, show_status
+from launch.config.compose import load_launch_config
+from launch.reporting.progress import read_final_metrics
+from launch.reporting.results import COLUMNS, batch_summary, collate, write_results
+from launch.reporting.status import describe_batch, show_status
 from launch.submit import run_command
 from tests.launch_fixtures import make_dataset, tiny_overrides
 
@@ -145,7 +145,7 @@ def test_results_of_a_run_resumed_with_another_accumulation(tmp_path: Path) -> N
 def test_a_diverged_pretraining_continues_only_with_an_explicit_amendment(tmp_path: Path) -> None:
     import pytest
 
-    from launch.experiment import ExperimentConflict
+    from launch.planning.experiment import ExperimentConflict
 
     data = make_dataset(tmp_path / "data")
     exps = tmp_path / "exps"

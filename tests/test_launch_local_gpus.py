@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.compose import ConfigError, load_launch_config
-from launch.local_backend import local_executor
-from launch.schema import ClusterConfig
+from launch.backends.local import local_executor
+from launch.config.compose import ConfigError, load_launch_config
+from launch.config.schema import ClusterConfig
+from launch.planning.validate import ValidationError
 from launch.submit import plan_command
-from launch.validate import ValidationError
 from tests.launch_fixtures import make_dataset, rank_gpu_view, tiny_overrides
 
 

@@ -10,12 +10,12 @@ import pytest
 from rich.console import Console
 
 from jobs.manifest import Manifest
-from launch.compose import ConfigError, load_launch_config
-from launch.experiment import ExperimentConflict
-from launch.milestones import milestone_steps, parse_milestone_job, pretrain_total_steps
-from launch.progress import read_final_metrics
-from launch.results import collate, to_markdown
-from launch.status import show_status
+from launch.config.compose import ConfigError, load_launch_config
+from launch.planning.experiment import ExperimentConflict
+from launch.planning.milestones import milestone_steps, parse_milestone_job, pretrain_total_steps
+from launch.reporting.progress import read_final_metrics
+from launch.reporting.results import collate, to_markdown
+from launch.reporting.status import show_status
 from launch.submit import plan_command, run_command
 from tests.launch_fixtures import make_dataset, slurm_overrides, tiny_overrides
 

@@ -17,10 +17,10 @@ from rich.console import Console
 from jobs.manifest import Manifest
 from jobs.slurm_cli import SlurmError
 from launch.cancel import cancel_jobs
-from launch.logs import show_logs
-from launch.progress import read_final_metrics
-from launch.results import collate, to_markdown
-from launch.status import collect
+from launch.reporting.logs import show_logs
+from launch.reporting.progress import read_final_metrics
+from launch.reporting.results import collate, to_markdown
+from launch.reporting.status import collect
 from launch.submit import run_command
 from tests.launch_fixtures import make_dataset, run_launch, slurm_overrides, tiny_overrides
 from tests.slurm_helpers import SlurmCluster, rank_pid
@@ -85,10 +85,10 @@ def test_two_node_pipeline_runs_evaluations_after_pretraining(slurm_env: SlurmCl
     # submitit's own handle tells the truth, and it submitted exactly the script --dry-run prints.
     import submitit
 
-    from launch.compose import load_launch_config
-    from launch.dag import build_dag
-    from launch.experiment import Experiment
-    from launch.sbatch import batch_script
+    from launch.backends.sbatch import batch_script
+    from launch.config.compose import load_launch_config
+    from launch.planning.dag import build_dag
+    from launch.planning.experiment import Experiment
 
     outcome = submitit.SlurmJob(exp / "submitit" / "pretrain", ids["pretrain"]).result()
     assert (outcome.status, outcome.step) == ("finished", 8)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from jobs.manifest import Manifest
-from launch.jobstate import current_views
+from launch.reporting.jobstate import current_views
 from tests.slurm_helpers import SlurmCluster
 
 pytestmark = pytest.mark.slurm

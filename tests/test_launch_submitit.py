@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from launch.compose import load_launch_config
-from launch.dag import build_dag
-from launch.experiment import Experiment
-from launch.sbatch import batch_script, python_command, slurm_parameters
-from launch.submitit_script import render_batch_script, submitit_command
+from launch.backends.sbatch import batch_script, python_command, slurm_parameters
+from launch.backends.submitit_script import render_batch_script, submitit_command
+from launch.config.compose import load_launch_config
+from launch.planning.dag import build_dag
+from launch.planning.experiment import Experiment
 from tests.launch_fixtures import make_dataset, run_launch
 
 PUBLISHED = ("vitb_80x5", "vitb_80x5_color", "vitb_90x8_color", "vitb_in22k_30ep_color")
@@ -153,7 +153,7 @@ def test_options_of_their_own_that_look_like_managed_ones_are_allowed(tmp_path: 
 
 def test_env_names_must_be_shell_variable_names() -> None:
     # Hydra's override grammar cannot even spell such a key; a YAML config can.
-    from launch.script_safety import check_env
+    from launch.backends.script_safety import check_env
 
     with pytest.raises(ValueError, match=r"cluster.env: 'A;touch x' is not a shell variable name"):
         check_env({"A;touch x": "1"})

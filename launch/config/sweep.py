@@ -17,8 +17,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
 from rich.console import Console
 
-from launch.compose import CONFIG_NAME, config_dir, load_launch_config, to_launch_config
-from launch.schema import register_configs
+from launch.config.compose import CONFIG_NAME, config_dir, load_launch_config, to_launch_config
+from launch.config.schema import register_configs
 
 # Set by `run_sweep` before Hydra calls `_member` (module state survives into the basic launcher's
 # calls; submitit launchers pickle `_member` with the module, and the values travel in the overrides).

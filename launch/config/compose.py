@@ -10,7 +10,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from launch.schema import LaunchConfig, register_configs
+from launch.config.schema import LaunchConfig, register_configs
 
 CONFIG_NAME = "config"
 
@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 def config_dir() -> Path:
     """The Hydra config folder: $EXTREMA_CONFIG_DIR, else configs/ beside the launch package."""
     env = os.environ.get("EXTREMA_CONFIG_DIR")
-    return Path(env).resolve() if env else Path(__file__).resolve().parents[1] / "configs"
+    return Path(env).resolve() if env else Path(__file__).resolve().parents[2] / "configs"
 
 
 def compose_dict(overrides: list[str]) -> DictConfig:

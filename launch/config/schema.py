@@ -14,7 +14,13 @@ from hydra.core.config_store import ConfigStore
 from extrema.config import FastProbeConfig, FinetuneConfig, LinearProbeConfig, PretrainConfig
 from extrema.config.common import check_choice, check_positive
 from jobs.spec import JobSpec
-from launch.script_safety import check_env, check_no_control, check_one_token, check_path_component, check_sbatch_extra
+from launch.backends.script_safety import (
+    check_env,
+    check_no_control,
+    check_one_token,
+    check_path_component,
+    check_sbatch_extra,
+)
 
 BACKENDS = ("local", "slurm")
 LOCAL_EXECUTORS = ("submitit", "inprocess")
@@ -102,7 +108,7 @@ class ClusterConfig:
         for name in ("signal_delay_s", "max_requeues", "max_timeouts", "max_crashes", "step_pause_s"):
             check_positive(f"cluster.{name}", getattr(self, name), allow_zero=True)
         check_positive("cluster.eval_time_limit_min", self.eval_time_limit_min)
-        # Values that reach the batch script or an #SBATCH line (launch.script_safety).
+        # Values that reach the batch script or an #SBATCH line (launch.backends.script_safety).
         for name in ("partition", "account", "qos", "mem", "constraint"):
             value = getattr(self, name)
             if value is not None:

@@ -27,9 +27,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from jobs.manifest import Manifest
-from launch.milestones import parse_milestone_job
-from launch.progress import read_final_metrics
-from launch.status import JobStatus, batch_split, collect, find_experiments, format_duration
+from launch.planning.milestones import parse_milestone_job
+from launch.reporting.progress import read_final_metrics
+from launch.reporting.status import JobStatus, batch_split, collect, find_experiments, format_duration
 
 MISSING = "-"
 COLUMNS = (

@@ -10,11 +10,11 @@ from jobs.manifest import now_iso
 from jobs.runner import CheckpointableJob
 from jobs.slurm_cli import cancel
 from jobs.states import JobState
-from launch.experiment import Experiment, job_spec, write_job_config
-from launch.jobstate import JobView
-from launch.plan import SUBMIT, PlannedJob
-from launch.sbatch import batch_script, make_executor, test_only
-from launch.schema import LaunchConfig
+from launch.backends.sbatch import batch_script, make_executor, test_only
+from launch.config.schema import LaunchConfig
+from launch.planning.experiment import Experiment, job_spec, write_job_config
+from launch.planning.plan import SUBMIT, PlannedJob
+from launch.reporting.jobstate import JobView
 
 log = logging.getLogger(__name__)
 

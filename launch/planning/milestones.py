@@ -16,9 +16,9 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from launch.dag import JobNode
-from launch.experiment import Experiment
-from launch.schema import EVALUATIONS, LaunchConfig
+from launch.config.schema import EVALUATIONS, LaunchConfig
+from launch.planning.dag import JobNode
+from launch.planning.experiment import Experiment
 
 _JOB_NAME = re.compile(rf"^({'|'.join(EVALUATIONS)})_step(\d+)$")
 

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 
 from jobs.runner import CheckpointableJob, JobOutcome, JobSpec, run_attempt
 from jobs.states import JobState
-from launch.experiment import Experiment, job_spec, write_job_config
-from launch.plan import DONE_ACTION, SUBMIT, PlannedJob
-from launch.schema import ClusterConfig, LaunchConfig
+from launch.config.schema import ClusterConfig, LaunchConfig
+from launch.planning.experiment import Experiment, job_spec, write_job_config
+from launch.planning.plan import DONE_ACTION, SUBMIT, PlannedJob
 
 if TYPE_CHECKING:
     import submitit

@@ -3,7 +3,7 @@
 `pipeline` = pretrain, then each evaluation of its final checkpoint (afterok). The evaluations name the
 pretraining run folder as their checkpoint; the job resolves it to the newest verified checkpoint
 when it starts, which is the final one because it only starts after pretraining succeeded. Evaluations of
-milestone checkpoints (`pipeline.eval_every_steps`) are added by `launch.milestones` once the config passed its
+milestone checkpoints (`pipeline.eval_every_steps`) are added by `launch.planning.milestones` once the config passed its
 checks, since their steps come from the pretraining schedule.
 """
 
@@ -13,8 +13,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from launch.experiment import Experiment
-from launch.schema import LaunchConfig
+from launch.config.schema import LaunchConfig
+from launch.planning.experiment import Experiment
 
 
 @dataclass

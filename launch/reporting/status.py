@@ -17,8 +17,8 @@ from rich.table import Table
 
 from jobs.manifest import MANIFEST_NAME, Manifest
 from jobs.states import JobState
-from launch.jobstate import JobView, current_views
-from launch.progress import Progress, read_progress
+from launch.reporting.jobstate import JobView, current_views
+from launch.reporting.progress import Progress, read_progress
 
 STATE_COLOURS = {
     JobState.COMPLETED: "green",

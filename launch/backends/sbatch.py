@@ -21,10 +21,10 @@ from typing import Any
 
 from jobs.run import command_line
 from jobs.slurm_cli import SlurmError, run_tool
-from launch.dag import JobNode
-from launch.experiment import Experiment, job_spec
-from launch.schema import ClusterConfig
-from launch.submitit_script import render_batch_script
+from launch.backends.submitit_script import render_batch_script
+from launch.config.schema import ClusterConfig
+from launch.planning.dag import JobNode
+from launch.planning.experiment import Experiment, job_spec
 
 
 def python_command(cluster: ClusterConfig) -> str:
@@ -33,7 +33,7 @@ def python_command(cluster: ClusterConfig) -> str:
 
 
 def _setup(cluster: ClusterConfig) -> list[str]:
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     return [
         "# SIGTERM/USR2 are for the ranks (they save at the next step); this shell only waits for srun.",
         "trap 'echo \"$(date +%T) batch shell: SIGTERM, waiting for the ranks\"' TERM",

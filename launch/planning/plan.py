@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from launch.dag import JobNode
-from launch.jobstate import DONE, JobView
+from launch.planning.dag import JobNode
+from launch.reporting.jobstate import DONE, JobView
 
 SUBMIT, KEEP, DONE_ACTION = "submit", "keep", "done"
 

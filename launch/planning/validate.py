@@ -15,8 +15,8 @@ from extrema.batching import AccumSetting, plan_batch
 from extrema.data import decode_image
 from extrema.data.filelist import FileList, load_or_scan
 from extrema.engine.eval_common import check_same_classes
-from launch.dag import JobNode
-from launch.schema import LaunchConfig
+from launch.config.schema import LaunchConfig
+from launch.planning.dag import JobNode
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ def check_gpus_per_task(cfg: LaunchConfig, nodes: list[JobNode]) -> None:
 
 
 def validate(cfg: LaunchConfig, nodes: list[JobNode], pretrain_run_dir: Path) -> None:
-    """Every pre-queue check that needs no SLURM (SLURM's own check is `launch.sbatch.test_only`)."""
+    """Every pre-queue check that needs no SLURM (SLURM's own check is `launch.backends.sbatch.test_only`)."""
     check_batch_divisible(cfg, nodes)
     check_gpus_per_task(cfg, nodes)
     check_local_device(cfg, nodes)

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from jobs.config_io import save_config
 from jobs.manifest import Manifest, now_iso
 from jobs.runner import JobSpec
-from launch.schema import ClusterConfig, LaunchConfig
+from launch.config.schema import ClusterConfig, LaunchConfig
 
 # Keys that say where and how a run executes, not what it computes: changing them keeps the experiment. The
 # cluster's size is among them: a job resumes on another number of ranks with the same global batch, its sampler

@@ -1,0 +1,1 @@
+"""From what the user typed to a typed launch config: Hydra composition, the schema, sweeps."""
