@@ -138,9 +138,7 @@ def write_random_init(pretrain: PretrainConfig, path: Path) -> Path:
     The baseline then differs from the pretrained backbone by the training alone. Written once; an existing
     file made for another architecture is an error rather than a silently mismatched baseline.
     """
-    from extrema.engine.pretrain import model_args
-    from extrema.models.siamese import create_model
-    from extrema.rng import seed_everything
+    from extrema.engine.pretrain import initial_model, model_args
 
     args = model_args(pretrain)
     if path.is_file():
@@ -148,9 +146,7 @@ def write_random_init(pretrain: PretrainConfig, path: Path) -> Path:
         if found != args:
             raise ValueError(f"{path} holds a random init of another model ({found} != {args}); delete it to redo it")
         return path
-    # PretrainTrainer seeds exactly like this before it builds its model.
-    seed_everything(pretrain.run.seed)
-    model = create_model(**args)
+    model = initial_model(pretrain)
     payload = {
         "format": FORMAT,
         "kind": "pretrain",

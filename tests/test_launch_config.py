@@ -326,6 +326,17 @@ def test_checkpoint_of_another_architecture_is_refused(data: Path, tmp_path: Pat
         plan_command("pretrain", cfg)
 
 
+def test_a_probe_head_checkpoint_given_as_weights_is_refused_with_what_to_evaluate(data: Path, tmp_path: Path) -> None:
+    head = tmp_path / "head.pt"
+    atomic_save({"format": FORMAT, "kind": "linear_probe", "weights": {"path": "pre.pt"}, "head": {}}, head)
+    cfg = load_launch_config(tiny_overrides(data, tmp_path / "exps", f"finetune.checkpoint={head}"))
+    with pytest.raises(
+        ValidationError, match=r"finetune.checkpoint=.* is not a usable checkpoint: .*head only.*pre\.pt"
+    ):
+        plan_command("finetune", cfg)
+    assert not (tmp_path / "exps").exists()
+
+
 def test_standalone_evaluation_needs_a_checkpoint(data: Path, tmp_path: Path) -> None:
     cfg = load_launch_config(tiny_overrides(data, tmp_path))
     with pytest.raises(ValidationError, match="has no checkpoint yet: run `pipeline`"):

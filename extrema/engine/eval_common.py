@@ -71,6 +71,23 @@ def read_eval_weights(path: str | Path, branch: str) -> tuple[dict[str, torch.Te
     return state, source
 
 
+def architecture_mismatch(
+    path: str | Path, arch: str, patch_size: int, class_attention_layers: int
+) -> dict[str, tuple[object, object]]:
+    """Where the encoder in the checkpoint at `path` differs from the configured one, as {key: (found,
+    configured)}; empty when it fits. Reads the file as the evaluations do (`read_eval_weights`). A finetune
+    checkpoint has no class-attention blocks, so their number is not compared. Raises CheckpointError (or
+    KeyError) for a file that holds no encoder."""
+    from extrema.api import infer_encoder_args
+
+    state, source = read_eval_weights(path, "teacher")
+    found = infer_encoder_args(state)
+    wanted: dict[str, object] = {"arch": arch, "patch_size": patch_size}
+    if source.format != FINETUNE_KIND:
+        wanted["class_attention_layers"] = class_attention_layers
+    return {k: (found[k], v) for k, v in wanted.items() if k in found and found[k] != v}
+
+
 def load_protocol_weights(
     module: nn.Module,
     state: dict[str, torch.Tensor],

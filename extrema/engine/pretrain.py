@@ -55,6 +55,13 @@ def model_args(cfg: PretrainConfig) -> dict:
     }
 
 
+def initial_model(cfg: PretrainConfig) -> ExtremaModel:
+    """The run's step-0 model (on the CPU): seeded by `run.seed` just before it is built, so that every rank, and
+    the demo's random-init baseline, start from the same weights."""
+    seed_everything(cfg.run.seed)
+    return create_model(**model_args(cfg))
+
+
 class PretrainTrainer(CheckpointedRun):
     """ExtreMA pretraining on one process, or on every rank of a process group (DDP)."""
 
@@ -73,8 +80,7 @@ class PretrainTrainer(CheckpointedRun):
         plan_batch(o.batch_size, self.dist.world_size, 1 if o.accum_steps == AUTO else o.accum_steps)
         self.batch_per_rank = o.batch_size // self.dist.world_size
 
-        seed_everything(cfg.run.seed)  # identical initial weights on every rank
-        self.model: ExtremaModel = create_model(**model_args(cfg)).to(self.device)
+        self.model: ExtremaModel = initial_model(cfg).to(self.device)  # identical on every rank
         seed_everything(cfg.run.seed + self.dist.rank)  # then per-rank streams (drop-path, ...)
         self.mask_generator = torch.Generator(self.device).manual_seed(cfg.run.seed * 7919 + self.dist.rank)
 

@@ -133,26 +133,15 @@ def check_data(nodes: list[JobNode]) -> None:
 
 def check_checkpoint_architecture(path: str, model, what: str) -> None:
     """A checkpoint given by the user must hold an encoder of the configured architecture."""
-    from extrema.api import infer_encoder_args
-    from extrema.checkpoint import CheckpointError, backbone_state, read_checkpoint
+    from extrema.checkpoint import CheckpointError
+    from extrema.engine.eval_common import architecture_mismatch
 
-    ckpt_path = Path(path)
-    if not ckpt_path.is_file():
+    if not Path(path).is_file():
         raise ValidationError(f"{what}={path} does not exist")
     try:
-        ckpt = read_checkpoint(ckpt_path)
-        state = ckpt["model"] if ckpt.get("kind") == "finetune" else backbone_state(ckpt, "teacher")
-        found = infer_encoder_args(state)
+        mismatch = architecture_mismatch(path, model.arch, model.patch_size, model.class_attention_layers)
     except (CheckpointError, KeyError) as exc:
         raise ValidationError(f"{what}={path} is not a usable checkpoint: {exc}") from None
-    wanted = {
-        "arch": model.arch,
-        "patch_size": model.patch_size,
-        "class_attention_layers": model.class_attention_layers,
-    }
-    mismatch = {k: (found.get(k), v) for k, v in wanted.items() if k in found and found[k] != v}
-    if ckpt.get("kind") == "finetune":
-        mismatch.pop("class_attention_layers", None)  # finetune models drop the class-attention blocks
     if mismatch:
         detail = ", ".join(f"{k}={have!r} (config: {want!r})" for k, (have, want) in mismatch.items())
         raise ValidationError(
