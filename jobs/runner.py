@@ -29,7 +29,7 @@ import traceback
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jobs import interruption as intr
 from jobs.dist_env import TaskPlace, detect_place, export_rendezvous
@@ -38,6 +38,9 @@ from jobs.signals import StopFlag
 from jobs.spec import JobSpec
 from jobs.states import JobState
 from jobs.watchdog import StallWatchdog, clear_stall_notes, read_stall_notes, stall_note_path
+
+if TYPE_CHECKING:  # annotations only: the launcher imports this module without torch
+    from extrema.engine.base import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +105,7 @@ class _StepWatch:
     def __init__(
         self,
         flag: StopFlag,
-        trainer: Any,
+        trainer: Trainer,
         progress_path: Path | None,
         pause_s: float,
         watchdog: StallWatchdog | None = None,
@@ -117,14 +120,14 @@ class _StepWatch:
         now = time.time()
         if self.first_poll is None:
             self.first_poll = now
-        step = getattr(self.trainer, "step", None)
+        step = self.trainer.step
         if self.watchdog is not None:
             self.watchdog.beat(step)
-        if step is not None and step != self.last_step:
+        if step != self.last_step:
             self.last_step = step
             # At most once a second: cheap on a shared file system, fine-grained enough for the record.
             if self.progress_path is not None and now - self._last_write >= 1.0:
-                _write_progress(self.progress_path, step, getattr(self.trainer, "total_steps", None))
+                _write_progress(self.progress_path, step, self.trainer.total_steps)
                 self._last_write = now
         if self.pause_s and not self.flag():
             time.sleep(self.pause_s)
@@ -324,15 +327,15 @@ class _Attempt:
         cfg = resolve_inputs(task, load_config(task.config_cls, self.spec.config_path))
         prepare_deterministic_environment(cfg.run.deterministic)  # before joining the group initialises CUDA
         _join_process_group(cfg, self.place)
-        trainer = task.trainer_cls()(cfg, self.spec.run_dir)
+        trainer: Trainer = task.trainer_cls()(cfg, self.spec.run_dir)
         if self.manifest is not None and self.number is not None:
             # Before resuming: an attempt whose resume fails shows the split it was given.
             self.manifest.update_attempt(self.spec.name, self.number, **batch_fields(trainer))
         trainer.resume()
-        resumed_step = getattr(trainer, "step", None)
+        resumed_step = trainer.step
         if self.manifest is not None and self.number is not None:
             # A damaged newest checkpoint is on record with the attempt that fell back past it.
-            damaged = list(getattr(getattr(trainer, "ckpts", None), "set_aside", []))
+            damaged = list(trainer.ckpts.set_aside)
             fields = {"damaged_checkpoints": damaged} if damaged else {}
             self.manifest.update_attempt(self.spec.name, self.number, resumed_step=resumed_step, **fields)
         watchdog = self._watchdog(cfg.run)
@@ -348,7 +351,7 @@ class _Attempt:
         steps = {"end_step": result.step, "reached_step": reached, **timing}
         if result.status == "finished":
             if self.progress_path is not None:
-                _write_progress(self.progress_path, result.step, getattr(trainer, "total_steps", None))
+                _write_progress(self.progress_path, result.step, trainer.total_steps)
             self.end("finished", "schedule done", JobState.COMPLETED, **steps)
             return JobOutcome("finished", "finished", result.step, result.metrics)
         return self._after_stop(flag, result.step, steps)
@@ -427,7 +430,7 @@ class _Attempt:
             cancel_dependents(self.manifest, self.spec.name, f"{self.spec.name} failed: {reason}")
 
 
-def batch_fields(trainer: Any) -> dict[str, Any]:
+def batch_fields(trainer: Trainer) -> dict[str, Any]:
     """The attempt record's `batch`: how the trainer splits its global batch (`BatchPlan.as_dict()`: global_batch,
     world_size, accum_steps, per_rank, micro_batch), which may differ between attempts (another allocation, an
     amended accum_steps); empty for a trainer without a plan (the fast probe)."""

@@ -13,7 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:  # only for the annotation: this module stays free of torch
+    from extrema.checkpoint import CheckpointManager
 
 StopRequested = Callable[[], bool]
 
@@ -38,9 +41,16 @@ class FitResult:
 
 
 class Trainer(Protocol):
-    """A resumable trainer. The job runner does: `t = Trainer(cfg, run_dir); t.resume(); t.fit(stop)`."""
+    """A resumable trainer. The job runner does: `t = Trainer(cfg, run_dir); t.resume(); t.fit(stop)`, and reads
+    `step` and `total_steps` (progress, work lost) and `ckpts.set_aside` (damaged checkpoints) on the way."""
 
     run_dir: Path
+    step: int
+    """Optimizer steps done (after `resume()`: the resumed step)."""
+    total_steps: int
+    """Steps of the whole run (`run_length`)."""
+    ckpts: CheckpointManager
+    """The run folder's checkpoints; `set_aside` lists damaged ones that `resume()` skipped."""
 
     def resume(self) -> bool:
         """Load the newest verified checkpoint of the run folder (else the config's init); True if resumed."""
