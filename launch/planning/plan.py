@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from jobs.states import JobState
 from launch.planning.dag import JobNode
-from launch.reporting.jobstate import DONE, JobView
+from launch.reporting.jobstate import JobView
 
 SUBMIT, KEEP, DONE_ACTION = "submit", "keep", "done"
 
@@ -42,7 +43,7 @@ def plan_jobs(nodes: list[JobNode], entries: dict[str, dict], views: dict[str, J
             action, why = SUBMIT, "no record of its state"
         elif dep_resubmitted:
             action, why = SUBMIT, f"its dependency is submitted again (was {view.state})"
-        elif view.state == DONE:
+        elif view.state == JobState.COMPLETED:
             action, why = DONE_ACTION, "completed"
         elif view.alive:
             action, why = KEEP, f"already {view.state.lower()} as job {entry.get('job_id')}"

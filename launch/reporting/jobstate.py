@@ -11,8 +11,6 @@ from jobs.states import ALIVE, FINAL_FAILURES, JobState
 
 log = logging.getLogger(__name__)
 
-DONE = JobState.COMPLETED
-
 
 @dataclass
 class JobView:
@@ -105,7 +103,7 @@ def job_view(entry: dict, slurm: dict[str, JobView]) -> JobView:
     job_id = entry.get("job_id")
     if entry.get("backend") == "slurm" and job_id in slurm:
         view = slurm[job_id]
-        if view.state == DONE:
+        if view.state == JobState.COMPLETED:
             view.reason = ""  # accounting keeps the last pending reason (e.g. Dependency) of finished jobs
         elif not view.alive and entry.get("reason"):
             # Why a job ended (our record: "dependency pretrain failed: ...") says more than SLURM's word.
@@ -142,7 +140,7 @@ def current_views(entries: dict[str, dict]) -> tuple[dict[str, JobView], str]:
         else:
             state = entry.get("state", JobState.UNKNOWN)
             views[name] = JobView(
-                state if state in (DONE, *FINAL_FAILURES) else JobState.INTERRUPTED,
+                state if state in (JobState.COMPLETED, *FINAL_FAILURES) else JobState.INTERRUPTED,
                 "manifest",
                 entry.get("reason") or "",
             )
