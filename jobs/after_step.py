@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 from jobs import interruption as intr
-from jobs.manifest import Manifest, now_iso
+from jobs.manifest import JobRecord, Manifest, now_iso
 from jobs.runner import PROGRESS_FILE, JobSpec, cancel_dependents, read_progress_step
 from jobs.states import JobState
 from jobs.watchdog import clear_stall_notes, read_stall_notes
@@ -34,6 +34,7 @@ def after_step(spec: JobSpec, step_status: int, job_id: str | None = None) -> in
     if not spec.experiment_dir or not job_id:
         return step_status
     manifest = Manifest(spec.experiment_dir)
+    record = manifest.job_record(spec.name, spec.submission)  # the ranks have ended: the job's record is ours
     job = manifest.job(spec.name) or {}
     if job.get("state") == JobState.FAILED:
         log.error("%s failed (%s): not requeued", spec.name, job.get("reason"))
@@ -46,15 +47,14 @@ def after_step(spec: JobSpec, step_status: int, job_id: str | None = None) -> in
     cause, detail = _crash_cause(spec, job_id, step_status, last)
     earlier = [a.get("cause") for a in attempts if a is not last and a.get("job_id") == job_id and a.get("cause")]
     refusal = intr.RequeuePolicy(spec.max_requeues, spec.max_timeouts, spec.max_crashes).refusal([*earlier, cause])
-    _record(manifest, spec, last, cause, detail, job_id)
+    n = _record(record, spec, last, cause, detail, job_id)
     clear_stall_notes(spec.run_dir)
     if refusal:
         reason = f"{cause} ({detail}), but {refusal}"
         log.error("%s is not requeued: %s", spec.name, reason)
-        manifest.update_job(spec.name, state=JobState.FAILED, reason=reason)
-        cancel_dependents(manifest, spec.name, f"{spec.name} failed: {reason}")
+        _fail(record, n, reason)
         return step_status
-    return _requeue(manifest, spec, job_id, cause, detail, step_status)
+    return _requeue(record, n, spec, job_id, cause, detail, step_status)
 
 
 def _crash_cause(spec: JobSpec, job_id: str, step_status: int, last: dict | None) -> tuple[str, str]:
@@ -67,7 +67,8 @@ def _crash_cause(spec: JobSpec, job_id: str, step_status: int, last: dict | None
     return intr.CRASHED, detail
 
 
-def _record(manifest: Manifest, spec: JobSpec, last: dict | None, cause: str, detail: str, job_id: str) -> None:
+def _record(record: JobRecord, spec: JobSpec, last: dict | None, cause: str, detail: str, job_id: str) -> int:
+    """Close the attempt that crashed (opening it first when rank 0 died before it could); returns its number."""
     fields = {
         "end": now_iso(),
         "cause": cause,
@@ -75,23 +76,27 @@ def _record(manifest: Manifest, spec: JobSpec, last: dict | None, cause: str, de
         "reached_step": read_progress_step(Path(spec.run_dir) / PROGRESS_FILE),
     }
     if last is None:  # rank 0 died before it could open the attempt
-        n = manifest.start_attempt(spec.name, {"job_id": job_id, "scheduler": "slurm", "start": "unknown"})
-        manifest.update_attempt(spec.name, n, **fields)
+        n = record.start_attempt({"job_id": job_id, "scheduler": "slurm", "start": "unknown"})
     else:
-        manifest.update_attempt(spec.name, last["n"], **fields)
+        n = last["n"]
+    record.update_attempt(n, **fields)
+    return n
 
 
-def _requeue(manifest: Manifest, spec: JobSpec, job_id: str, cause: str, detail: str, step_status: int) -> int:
+def _requeue(record: JobRecord, n: int, spec: JobSpec, job_id: str, cause: str, detail: str, step_status: int) -> int:
     from jobs.slurm_cli import SlurmError, requeue, show_job
 
     log.warning("%s: %s (%s); requeueing job %s to resume from its newest checkpoint", spec.name, cause, detail, job_id)
-    manifest.update_job(spec.name, state=JobState.REQUEUED, reason=None)
+    record.set_state(JobState.REQUEUED, None, n, JobRecord.VERDICT)
     restarts = int((show_job(job_id) or {}).get("Restarts", 0) or 0)
     try:
         requeue(job_id, restarts)  # SLURM ends this shell as part of the requeue
     except SlurmError as exc:
-        reason = f"{cause}, but the requeue failed: {exc}"
-        manifest.update_job(spec.name, state=JobState.FAILED, reason=reason)
-        cancel_dependents(manifest, spec.name, f"{spec.name} failed: {reason}")
+        _fail(record, n, f"{cause}, but the requeue failed: {exc}")
         return step_status
     return 0
+
+
+def _fail(record: JobRecord, n: int, reason: str) -> None:
+    record.set_state(JobState.FAILED, reason, n, JobRecord.VERDICT)
+    cancel_dependents(record.manifest, record.name, f"{record.name} failed: {reason}", record)

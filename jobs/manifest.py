@@ -1,110 +1,169 @@
-"""The experiment manifest: one JSON file per experiment folder, shared by the launcher and its jobs.
+"""The experiment manifest: what was asked and what happened, kept as one record file per writer.
 
-It records what was asked (the resolved config's hash, every job with its task, run folder, dependencies)
-and what happened (SLURM job ids, states, each attempt with its cause, checkpoint and metrics paths).
-The launcher writes it when it submits; a running job adds its attempts. Several processes may write at
-once (two jobs, a `status` call), so every change takes an exclusive lock and replaces the file
-atomically; readers never see a half-written file.
+An experiment folder holds
+    manifest.json                  the launcher's record: the resolved config and its hash, and per job its task,
+                                   run folder, dependencies, submissions and the states the launcher sets
+    records/<job>.json             the job's own record: its attempts and states, written by rank 0 of the running
+                                   attempt and, once srun has returned, by the batch shell's verdict (`after_step`)
+    records/<job>.rank<R>.json     a real error that rank R > 0 met (the job fails while rank 0 may be writing)
 
-Layout (paths are relative to the experiment folder so the folder can be moved):
+Each file has one writer at a time and is replaced atomically, so no lock has to work across nodes: on cluster
+file systems `flock` is often node-local (Lustre's `localflock`) or absent, and two nodes editing one file would
+lose each other's updates without an error. Only the launcher's commands, which run where the user types them,
+share a file (they take a lock). `Manifest.read()` builds the experiment's view from the union of the files
+(`jobs.records.merge_records`); it has the layout the launcher has always written:
     {"version": 1, "name": ..., "config_hash": ..., "created": ...,
      "jobs": {"pretrain": {"task", "run_dir", "config", "depends_on": [...], "backend", "job_id",
-                           "submissions": [{"job_id", "time"}], "state", "reason",
+                           "submissions": [{"job_id", "time"}], "state", "reason", "order",
                            "attempts": [{"n", "job_id", "start", "end", "cause", "batch", ...}]}, ...}}
-    where an attempt's "batch" is its trainer's split of the global batch (extrema.batching.BatchPlan.as_dict()).
+where an attempt's "batch" is its trainer's split of the global batch (extrema.batching.BatchPlan.as_dict())
+and "order" says which write of a state is the newest (`jobs.records.StateOrder`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
-import os
-import tempfile
 from collections.abc import Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from jobs.records import (
+    CLOSED,
+    RecordFile,
+    StateOrder,
+    merge_records,
+    now_iso,
+    submission_count,
+)
 from jobs.states import JobState
 
+__all__ = ["MANIFEST_NAME", "RECORDS_DIR", "JobRecord", "Manifest", "now_iso", "set_launcher_state", "submission_count"]
+
 MANIFEST_NAME = "manifest.json"
-VERSION = 1
-
-
-def now_iso() -> str:
-    """Current time as an ISO-8601 string with timezone (what the manifest stores)."""
-    return datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
+RECORDS_DIR = "records"
 
 
 class Manifest:
-    """Read and update `<experiment>/manifest.json` under a file lock."""
+    """The view of an experiment's records, and the launcher's own record (`edit`, `update_job`)."""
 
     def __init__(self, experiment_dir: str | Path) -> None:
         self.experiment_dir = Path(experiment_dir)
         self.path = self.experiment_dir / MANIFEST_NAME
+        self.records_dir = self.experiment_dir / RECORDS_DIR
+        self._launcher = RecordFile(self.path)
         self._lock_path = self.experiment_dir / (MANIFEST_NAME + ".lock")
 
     def exists(self) -> bool:
-        return self.path.is_file()
+        """Whether anything recorded this experiment (the launcher, or a job run by hand into the folder)."""
+        return self.path.is_file() or self.records_dir.is_dir()
 
     def read(self) -> dict[str, Any]:
-        """The manifest as a dict (an empty skeleton when there is none yet)."""
-        if not self.path.is_file():
-            return {"version": VERSION, "jobs": {}}
-        with open(self.path) as f:
-            return json.load(f)
+        """The experiment's view: the launcher's record with every job record merged in."""
+        records = [RecordFile(p).read() for p in sorted(self.records_dir.glob("*.json"))]
+        return merge_records(self._launcher.read(), records)
 
+    def job(self, name: str) -> dict[str, Any] | None:
+        """One job's entry in the view, or None."""
+        return self.read().get("jobs", {}).get(name)
+
+    # ---- the launcher's record -------------------------------------------------------------------------
     @contextlib.contextmanager
     def edit(self) -> Iterator[dict[str, Any]]:
-        """`with manifest.edit() as data:` change `data` in place; it is written back atomically on exit."""
+        """`with manifest.edit() as data:` change the launcher's record in place; written back atomically on exit.
+
+        For the launcher's commands only (jobs write their own `JobRecord`). They run on the machine where the
+        user types them, where a lock holds, so two commands at once do not lose each other's changes."""
         self.experiment_dir.mkdir(parents=True, exist_ok=True)
         with open(self._lock_path, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                data = self.read()
+                data = self._launcher.read()
                 yield data
                 data["updated"] = now_iso()
-                self._write(data)
+                self._launcher.write(data)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def job(self, name: str) -> dict[str, Any] | None:
-        """One job's entry, or None."""
-        return self.read().get("jobs", {}).get(name)
-
     def update_job(self, name: str, **fields: Any) -> None:
-        """Set fields of one job's entry (created if missing)."""
+        """Set fields of one job's launcher entry (created if missing). A state set here is the launcher's: it
+        ranks after the job's own records of the current submission when it ends the submission (CANCELLED),
+        before them otherwise (a job may already run when the launcher writes what it submitted)."""
         with self.edit() as data:
-            data.setdefault("jobs", {}).setdefault(name, {}).update(fields)
+            entry = data.setdefault("jobs", {}).setdefault(name, {})
+            state = fields.pop("state", None)
+            entry.update(fields)
+            if state is not None:
+                set_launcher_state(entry, state, fields.get("reason"))
 
-    def start_attempt(self, name: str, attempt: dict[str, Any]) -> int:
-        """Append an attempt to a job (its number `n` is assigned here) and mark the job RUNNING."""
-        with self.edit() as data:
-            job = data.setdefault("jobs", {}).setdefault(name, {})
-            attempts = job.setdefault("attempts", [])
-            attempt = {"n": len(attempts) + 1, **attempt}
-            attempts.append(attempt)
-            job["state"] = JobState.RUNNING
-            job["reason"] = None
-            return attempt["n"]
+    def job_record(self, name: str, submission: int, rank: int = 0) -> JobRecord:
+        """The record a process of job `name`'s `submission` writes (rank 0 and the batch shell: the job's own)."""
+        suffix = "" if rank == 0 else f".rank{rank}"
+        submission = submission or submission_count(self.job(name) or {})
+        return JobRecord(self, name, submission, RecordFile(self.records_dir / f"{name}{suffix}.json"))
 
-    def update_attempt(self, name: str, n: int, **fields: Any) -> None:
-        """Set fields of attempt `n` of a job."""
-        with self.edit() as data:
-            for attempt in data["jobs"][name].get("attempts", []):
-                if attempt["n"] == n:
-                    attempt.update(fields)
 
-    def _write(self, data: dict[str, Any]) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.experiment_dir, prefix=".manifest.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=2, sort_keys=False)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+def set_launcher_state(
+    entry: dict[str, Any], state: JobState, reason: str | None, submission: int | None = None
+) -> None:
+    """Set a state in the launcher's entry of a job, as of its latest submission (or of `submission`, which the
+    launcher is making). A cancel ends that submission; any other state ranks before the job's own writes."""
+    submission = submission_count(entry) if submission is None else submission
+    order = StateOrder(submission, CLOSED if state == JobState.CANCELLED else 0, 0)
+    entry.update(state=state, reason=reason, order=order.as_list())
+
+
+class JobRecord:
+    """What one job's processes write about it: attempts, states, and the dependents it cancelled.
+
+    Attempt numbers run on across the job's submissions (`n` = attempts in the view + 1). A state's order is
+    (submission, attempt, phase): the start of an attempt, its end, the batch shell's verdict after srun; a
+    failure closes the submission (nothing of it runs again).
+    """
+
+    START, END, VERDICT = 1, 2, 3
+
+    def __init__(self, manifest: Manifest, name: str, submission: int, file: RecordFile) -> None:
+        self.manifest, self.name, self.submission, self.file = manifest, name, submission, file
+
+    def start_attempt(self, attempt: dict[str, Any]) -> int:
+        """Append an attempt (its number `n` is assigned here) and mark the job RUNNING; returns `n`."""
+        n = len((self.manifest.job(self.name) or {}).get("attempts", [])) + 1
+        with self.file.edit() as data:
+            entry = data.setdefault("jobs", {}).setdefault(self.name, {})
+            entry.setdefault("attempts", []).append({"n": n, **attempt})
+            self._set_state(entry, JobState.RUNNING, None, StateOrder(self.submission, n, self.START))
+        return n
+
+    def update_attempt(self, n: int, **fields: Any) -> None:
+        """Set fields of attempt `n` (one this record does not hold yet, such as an attempt written by an
+        earlier version into manifest.json, is copied here first: this record's copy is the one the view shows)."""
+        with self.file.edit() as data:
+            entry = data.setdefault("jobs", {}).setdefault(self.name, {})
+            attempts = entry.setdefault("attempts", [])
+            mine = next((a for a in attempts if a["n"] == n), None)
+            if mine is None:
+                seen = (self.manifest.job(self.name) or {}).get("attempts", [])
+                mine = dict(next((a for a in seen if a["n"] == n), {"n": n}))
+                attempts.append(mine)
+                attempts.sort(key=lambda a: a["n"])
+            mine.update(fields)
+
+    def set_state(self, state: JobState, reason: str | None, attempt: int | None, phase: int) -> None:
+        """Record the job's state as of `attempt` (None: before any) at `phase`; FAILED closes the submission."""
+        closing = state == JobState.FAILED
+        order = StateOrder(self.submission, CLOSED if closing else (attempt or 0), phase)
+        with self.file.edit() as data:
+            self._set_state(data.setdefault("jobs", {}).setdefault(self.name, {}), state, reason, order)
+
+    def cancel(self, name: str, submission: int, reason: str) -> None:
+        """Record that job `name` (another one: a dependent) is cancelled in its `submission`."""
+        with self.file.edit() as data:
+            entry = data.setdefault("jobs", {}).setdefault(name, {})
+            self._set_state(entry, JobState.CANCELLED, reason, StateOrder(submission, CLOSED, 1))
+
+    @staticmethod
+    def _set_state(entry: dict[str, Any], state: JobState, reason: str | None, order: StateOrder) -> None:
+        if "order" in entry and StateOrder.of(entry["order"]) > order:
+            return  # this writer recorded a later state already (a verdict after a failure): keep it
+        entry.update(state=state, reason=reason, order=order.as_list())

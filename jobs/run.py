@@ -28,6 +28,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("run_dir", help="the task's run folder (checkpoints, metrics)")
     parser.add_argument("--experiment-dir", help="experiment folder whose manifest records the attempts")
     parser.add_argument("--job-name", help="this job's name in the manifest (default: the task)")
+    parser.add_argument("--submission", type=int, default=JobSpec.submission, help="the launcher's submission number")
     parser.add_argument(
         "--max-requeues", type=int, default=JobSpec.max_requeues, help="requeues of any cause before failing"
     )
@@ -54,6 +55,8 @@ def command_line(spec: JobSpec, python: str = sys.executable) -> list[str]:
         cmd += ["--experiment-dir", spec.experiment_dir]
     if spec.job_name:
         cmd += ["--job-name", spec.job_name]
+    if spec.submission:
+        cmd += ["--submission", str(spec.submission)]
     cmd += ["--max-requeues", str(spec.max_requeues), "--max-timeouts", str(spec.max_timeouts)]
     cmd += ["--max-crashes", str(spec.max_crashes), "--signal-delay-s", str(spec.signal_delay_s)]
     if spec.step_pause_s:
@@ -74,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir=args.run_dir,
         experiment_dir=args.experiment_dir,
         job_name=args.job_name,
+        submission=args.submission,
         max_requeues=args.max_requeues,
         max_timeouts=args.max_timeouts,
         max_crashes=args.max_crashes,

@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 from jobs import interruption as intr
 from jobs.dist_env import TaskPlace, detect_place, export_rendezvous
-from jobs.manifest import Manifest, now_iso
+from jobs.manifest import JobRecord, Manifest, now_iso
+from jobs.records import submission_count
 from jobs.signals import StopFlag
 from jobs.spec import JobSpec
 from jobs.states import JobState
@@ -171,7 +172,7 @@ def run_attempt(spec: JobSpec, flag: StopFlag | None = None) -> JobOutcome:
         export_rendezvous(place)
     run_dir = Path(spec.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(spec.experiment_dir) if spec.experiment_dir and place.is_main else None
+    manifest = Manifest(spec.experiment_dir) if spec.experiment_dir else None
     on_slurm = place.scheduler == "slurm"
     attempt = _Attempt(spec, place, manifest, on_slurm, process_start)
     try:
@@ -198,12 +199,17 @@ def run_attempt(spec: JobSpec, flag: StopFlag | None = None) -> JobOutcome:
 
 
 class _Attempt:
-    """Bookkeeping of one attempt (manifest records are written by rank 0 only)."""
+    """Bookkeeping of one attempt. Rank 0 writes the job's record; another rank writes its own, and only a
+    real error it met (`fail`)."""
 
     def __init__(
         self, spec: JobSpec, place: TaskPlace, manifest: Manifest | None, on_slurm: bool, process_start: float
     ) -> None:
-        self.spec, self.place, self.manifest, self.on_slurm = spec, place, manifest, on_slurm
+        self.spec, self.place, self.on_slurm = spec, place, on_slurm
+        self.record: JobRecord | None = None
+        if manifest is not None:
+            self.record = manifest.job_record(spec.name, spec.submission, place.rank)
+        self.manifest = manifest if place.is_main else None  # what rank 0 reads and writes
         self.process_start = process_start
         self.started_at = datetime.now().astimezone()
         self.slurm_start: datetime | None = None
@@ -213,6 +219,10 @@ class _Attempt:
         self.progress_path = Path(spec.run_dir) / PROGRESS_FILE if place.is_main else None
 
     # ---- manifest records ----------------------------------------------------------------------------
+    def _record(self) -> JobRecord:
+        assert self.record is not None, "only an attempt with an experiment folder keeps records"
+        return self.record
+
     def begin(self) -> None:
         record: dict[str, Any] = {
             "job_id": self.place.job_id,
@@ -233,7 +243,7 @@ class _Attempt:
         if self.manifest is None:
             return
         self._close_previous_attempt()
-        self.number = self.manifest.start_attempt(self.spec.name, record)
+        self.number = self._record().start_attempt(record)
 
     def _close_previous_attempt(self) -> None:
         """An attempt killed before it could write its end (GraceTime exceeded, a stalled rank ended by the
@@ -256,14 +266,12 @@ class _Attempt:
             elif same_job:
                 cause, detail = self._accounting_cause(last) or (cause, detail)
             reached = read_progress_step(self.progress_path) if self.progress_path else None
-            self.manifest.update_attempt(
-                self.spec.name, last["n"], end="unknown", cause=cause, detail=detail, reached_step=reached
-            )
+            self._record().update_attempt(last["n"], end="unknown", cause=cause, detail=detail, reached_step=reached)
         elif same_job and last.get("cause") not in (intr.NODE_FAIL, intr.ERROR, "finished"):
             found = self._accounting_cause(last)
             if found and found[0] == intr.NODE_FAIL:
                 detail = f"{found[1]} (the attempt saw {last.get('cause')}: {last.get('detail')})"
-                self.manifest.update_attempt(self.spec.name, last["n"], cause=intr.NODE_FAIL, detail=detail)
+                self._record().update_attempt(last["n"], cause=intr.NODE_FAIL, detail=detail)
 
     def _accounting_cause(self, last: dict) -> tuple[str, str] | None:
         from jobs.slurm_cli import SlurmError, sacct_records
@@ -289,20 +297,21 @@ class _Attempt:
     def end(self, cause: str, detail: str, state: str, **fields: Any) -> None:
         if self.manifest is None or self.number is None:
             return
-        self.manifest.update_attempt(self.spec.name, self.number, end=now_iso(), cause=cause, detail=detail, **fields)
-        self.manifest.update_job(self.spec.name, state=state, reason=None if state == JobState.COMPLETED else detail)
+        record = self._record()
+        record.update_attempt(self.number, end=now_iso(), cause=cause, detail=detail, **fields)
+        reason = None if state == JobState.COMPLETED else detail
+        record.set_state(state, reason, self.number, JobRecord.END)
 
     def fail(self, exc: BaseException, cause: str = intr.ERROR) -> None:
         """Record a real error (any rank may hold it) and cancel the jobs that depend on this one."""
         detail = f"{type(exc).__name__}: {exc}"
         log.error("job %s failed: %s\n%s", self.spec.name, detail, traceback.format_exc())
-        manifest = Manifest(self.spec.experiment_dir) if self.spec.experiment_dir else None
-        if manifest is None:
+        if self.record is None:
             return
         if self.number is not None:
-            manifest.update_attempt(self.spec.name, self.number, end=now_iso(), cause=cause, detail=detail)
-        manifest.update_job(self.spec.name, state=JobState.FAILED, reason=detail)
-        cancel_dependents(manifest, self.spec.name, f"{self.spec.name} failed: {detail}")
+            self.record.update_attempt(self.number, end=now_iso(), cause=cause, detail=detail)
+        self.record.set_state(JobState.FAILED, detail, self.number, JobRecord.END)
+        cancel_dependents(self.record.manifest, self.spec.name, f"{self.spec.name} failed: {detail}", self.record)
 
     def lost_peer(self, symptom: str) -> None:
         """This rank saw another process of the job die: log it, note it (rank 0) and leave the verdict to
@@ -315,7 +324,7 @@ class _Attempt:
             traceback.format_exc(),
         )
         if self.manifest is not None and self.number is not None:
-            self.manifest.update_attempt(self.spec.name, self.number, crash_detail=f"rank 0: {symptom}")
+            self._record().update_attempt(self.number, crash_detail=f"rank 0: {symptom}")
 
     # ---- the training ----------------------------------------------------------------------------------
     def train(self, flag: StopFlag) -> JobOutcome:
@@ -330,14 +339,14 @@ class _Attempt:
         trainer: Trainer = task.trainer_cls()(cfg, self.spec.run_dir)
         if self.manifest is not None and self.number is not None:
             # Before resuming: an attempt whose resume fails shows the split it was given.
-            self.manifest.update_attempt(self.spec.name, self.number, **batch_fields(trainer))
+            self._record().update_attempt(self.number, **batch_fields(trainer))
         trainer.resume()
         resumed_step = trainer.step
         if self.manifest is not None and self.number is not None:
             # A damaged newest checkpoint is on record with the attempt that fell back past it.
             damaged = list(trainer.ckpts.set_aside)
             fields = {"damaged_checkpoints": damaged} if damaged else {}
-            self.manifest.update_attempt(self.spec.name, self.number, resumed_step=resumed_step, **fields)
+            self._record().update_attempt(self.number, resumed_step=resumed_step, **fields)
         watchdog = self._watchdog(cfg.run)
         watch = _StepWatch(flag, trainer, self.progress_path, self.spec.step_pause_s, watchdog)
         try:
@@ -426,8 +435,8 @@ class _Attempt:
     def _mark_failed(self, reason: str) -> None:
         log.error("job %s is not requeued: %s", self.spec.name, reason)
         if self.manifest is not None:
-            self.manifest.update_job(self.spec.name, state=JobState.FAILED, reason=reason)
-            cancel_dependents(self.manifest, self.spec.name, f"{self.spec.name} failed: {reason}")
+            self._record().set_state(JobState.FAILED, reason, self.number, JobRecord.END)
+            cancel_dependents(self.manifest, self.spec.name, f"{self.spec.name} failed: {reason}", self._record())
 
 
 def batch_fields(trainer: Trainer) -> dict[str, Any]:
@@ -438,10 +447,11 @@ def batch_fields(trainer: Trainer) -> dict[str, Any]:
     return {"batch": plan.as_dict()} if plan is not None else {}
 
 
-def cancel_dependents(manifest: Manifest, name: str, reason: str) -> list[str]:
+def cancel_dependents(manifest: Manifest, name: str, reason: str, by: JobRecord | None = None) -> list[str]:
     """Cancel every job that (transitively) depends on `name` and record why; returns their names.
 
-    SLURM would otherwise leave them pending forever (Reason=DependencyNeverSatisfied).
+    `by` is the record of the job that writes the cancels (one that failed); None means the launcher's record
+    (`launch cancel`). SLURM would otherwise leave the dependents pending forever (DependencyNeverSatisfied).
     """
     jobs = manifest.read().get("jobs", {})
     doomed: list[str] = []
@@ -452,18 +462,17 @@ def cancel_dependents(manifest: Manifest, name: str, reason: str) -> list[str]:
             if current in entry.get("depends_on", []) and other not in doomed:
                 doomed.append(other)
                 frontier.append(other)
-    to_cancel = [
-        jobs[d]["job_id"] for d in doomed if jobs[d].get("job_id") and jobs[d].get("state") not in (JobState.COMPLETED,)
-    ]
+    doomed = [d for d in doomed if jobs[d].get("state") != JobState.COMPLETED]
+    to_cancel = [jobs[d]["job_id"] for d in doomed if jobs[d].get("job_id")]
     if to_cancel and any(jobs[d].get("backend") == "slurm" for d in doomed):
         from jobs.slurm_cli import cancel
 
         cancel(to_cancel)
-    with manifest.edit() as data:
-        for d in doomed:
-            entry = data["jobs"][d]
-            if entry.get("state") != JobState.COMPLETED:
-                entry.update(state=JobState.CANCELLED, reason=f"dependency {reason}")
+    for d in doomed:
+        if by is not None:
+            by.cancel(d, submission_count(jobs[d]), f"dependency {reason}")
+        else:
+            manifest.update_job(d, state=JobState.CANCELLED, reason=f"dependency {reason}")
     if doomed:
         log.warning("cancelled %s: %s", ", ".join(doomed), reason)
     return doomed

@@ -20,6 +20,9 @@ class JobSpec:
     """Folder of the experiment manifest to record attempts in; None = record nothing."""
     job_name: str | None = None
     """This job's key in the manifest (defaults to the task name)."""
+    submission: int = 0
+    """Which of the launcher's submissions of this job this is (1, 2, ...): orders the job's records against the
+    launcher's (see `jobs.records.StateOrder`). 0: unknown (run by hand); the latest the manifest shows is used."""
     max_requeues: int = 100
     """Requeues of any cause before the job is failed (a guard against loops)."""
     max_timeouts: int = 20

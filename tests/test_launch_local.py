@@ -88,10 +88,11 @@ def _attempts_with_plans(exp: Manifest, plans: list[BatchPlan | None]) -> None:
     with exp.edit() as data:
         data.update(name=exp.experiment_dir.name, config={})
         data["jobs"] = {"pretrain": {"task": "pretrain", "backend": "local", "state": "PENDING", "attempts": []}}
+    record = exp.job_record("pretrain", submission=1)
     for plan in plans:
-        n = exp.start_attempt("pretrain", {"job_id": "1", "start": "2026-01-01T00:00:00+00:00"})
+        n = record.start_attempt({"job_id": "1", "start": "2026-01-01T00:00:00+00:00"})
         if plan is not None:
-            exp.update_attempt("pretrain", n, batch=plan.as_dict(), end="2026-01-01T01:00:00+00:00", cause="timeout")
+            record.update_attempt(n, batch=plan.as_dict(), end="2026-01-01T01:00:00+00:00", cause="timeout")
 
 
 def test_results_and_status_show_how_each_attempt_split_the_global_batch(tmp_path: Path) -> None:

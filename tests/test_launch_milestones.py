@@ -119,7 +119,7 @@ def test_local_pipeline_evaluates_every_milestone_once(data: Path, tmp_path: Pat
     assert "fastprobe_step6" in console.export_text()
 
     # A failed milestone evaluation is the only job submitted again.
-    Manifest(exp).update_job("fastprobe_step4", state="FAILED")
+    Manifest(exp).job_record("fastprobe_step4", submission=0).set_state("FAILED", "a failure", None, phase=2)
     again = run_command("pipeline", overrides, console=Console(quiet=True))
     assert [p.action for p in again.planned] == ["done", "done", "done", "submit", "done"] and again.exit_code == 0
     assert [len(j["attempts"]) for j in Manifest(exp).read()["jobs"].values()] == [1, 1, 1, 2, 1]

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from jobs.manifest import now_iso, set_launcher_state
 from jobs.runner import CheckpointableJob, JobOutcome, JobSpec, run_attempt
 from jobs.states import JobState
 from launch.config.schema import ClusterConfig, LaunchConfig
@@ -39,14 +40,18 @@ def run_planned(exp: Experiment, cfg: LaunchConfig, planned: list[PlannedJob]) -
             continue
         name = p.node.name
         missing = [d for d in p.node.depends_on if d not in ok]
+        spec = job_spec(exp, name, p.node.task, cfg.cluster)
         if missing:
-            exp.manifest.update_job(
-                name, state=JobState.CANCELLED, reason=f"dependency {', '.join(missing)} did not complete"
-            )
+            with exp.manifest.edit() as data:  # as of the submission this command would have made
+                reason = f"dependency {', '.join(missing)} did not complete"
+                set_launcher_state(data["jobs"].setdefault(name, {}), JobState.CANCELLED, reason, spec.submission)
             continue
         write_job_config(exp, name, p.node.config)
         with exp.manifest.edit() as data:
-            data["jobs"].setdefault(name, {}).update(
+            entry = data["jobs"].setdefault(name, {})
+            entry.setdefault("submissions", []).append({"job_id": None, "time": now_iso()})
+            set_launcher_state(entry, JobState.PENDING, None, spec.submission)
+            entry.update(
                 task=p.node.task,
                 backend="local",
                 executor=cfg.cluster.executor,
@@ -55,10 +60,7 @@ def run_planned(exp: Experiment, cfg: LaunchConfig, planned: list[PlannedJob]) -
                 config=os.path.relpath(exp.job_config(name), exp.dir),
                 nodes=1,
                 gpus_per_node=cfg.cluster.gpus_per_node,
-                state=JobState.PENDING,
-                reason=None,
             )
-        spec = job_spec(exp, name, p.node.task, cfg.cluster)
         ranks = p.node.nodes * cfg.cluster.tasks_per_node
         log.info("running %s locally (%d rank(s), %s)", name, ranks, cfg.cluster.executor)
         outcome = _run_one(exp, spec, cfg.cluster, ranks)

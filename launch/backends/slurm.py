@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 
-from jobs.manifest import now_iso
+from jobs.manifest import now_iso, set_launcher_state
 from jobs.runner import CheckpointableJob
 from jobs.slurm_cli import cancel
 from jobs.states import JobState
@@ -42,8 +42,10 @@ def submit_planned(exp: Experiment, cfg: LaunchConfig, planned: list[PlannedJob]
             # Pending on a dependency that is submitted again: replace it, never run two copies.
             cancel([ids[name]])
         after = [ids[d] for d in p.after if ids.get(d)]
+        spec = job_spec(exp, name, p.node.task, cfg.cluster)
         with exp.manifest.edit() as data:
             entry = data["jobs"].setdefault(name, {})
+            set_launcher_state(entry, JobState.SUBMITTING, None, spec.submission)
             entry.update(
                 task=p.node.task,
                 backend="slurm",
@@ -54,11 +56,9 @@ def submit_planned(exp: Experiment, cfg: LaunchConfig, planned: list[PlannedJob]
                 submitit_dir=os.path.relpath(exp.submitit_dir(name), exp.dir),
                 nodes=p.node.nodes,
                 gpus_per_node=cfg.cluster.gpus_per_node,
-                state=JobState.SUBMITTING,
-                reason=None,
             )
         executor = make_executor(p.node, cfg.cluster, exp, after)
-        job = executor.submit(CheckpointableJob(job_spec(exp, name, p.node.task, cfg.cluster)))
+        job = executor.submit(CheckpointableJob(spec))
         job_id = str(job.job_id)
         ids[name] = job_id
         submitted[name] = job_id
@@ -69,8 +69,8 @@ def submit_planned(exp: Experiment, cfg: LaunchConfig, planned: list[PlannedJob]
                 log=os.path.relpath(job.paths.stdout, exp.dir),
                 script=os.path.relpath(job.paths.submission_file, exp.dir),
             )
-            if entry.get("state") == JobState.SUBMITTING:  # the job may already have started and said RUNNING
-                entry["state"] = JobState.PENDING
             entry.setdefault("submissions", []).append({"job_id": job_id, "time": now_iso(), "after": after})
+            # The job may already run: its own record says so, and ranks after this (see jobs.records).
+            set_launcher_state(entry, JobState.PENDING, None)
         log.info("submitted %s as job %s%s", name, job_id, f" (afterok:{':'.join(after)})" if after else "")
     return submitted

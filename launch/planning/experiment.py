@@ -22,7 +22,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from jobs.config_io import save_config
-from jobs.manifest import Manifest, now_iso
+from jobs.manifest import Manifest, now_iso, submission_count
 from jobs.runner import JobSpec
 from launch.config.schema import ClusterConfig, LaunchConfig
 
@@ -174,13 +174,16 @@ def prepare(exp: Experiment, cfg: LaunchConfig) -> None:
 
 
 def job_spec(exp: Experiment, name: str, task: str, cluster: ClusterConfig) -> JobSpec:
-    """The JobSpec of one job of the experiment (what every backend submits)."""
+    """The JobSpec of the submission of one job that this command makes (what every backend submits, and what
+    a dry run shows): the next one after those the manifest records."""
+    entry = exp.manifest.job(name) or {} if exp.manifest.exists() else {}
     return JobSpec(
         task=task,
         config_path=str(exp.job_config(name)),
         run_dir=str(exp.run_dir(name)),
         experiment_dir=str(exp.dir),
         job_name=name,
+        submission=submission_count(entry) + 1,
         max_requeues=cluster.max_requeues,
         max_timeouts=cluster.max_timeouts,
         max_crashes=cluster.max_crashes,

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from jobs.manifest import MANIFEST_NAME, Manifest
+from jobs.manifest import MANIFEST_NAME, RECORDS_DIR, Manifest
 from jobs.states import JobState
 from launch.reporting.jobstate import JobView, current_views
 from launch.reporting.progress import Progress, read_progress
@@ -54,10 +54,12 @@ class JobStatus:
 
 
 def find_experiments(path: Path) -> list[Path]:
-    """The experiment folders at or under `path` (a folder with a manifest, or a root holding such folders)."""
-    if (path / MANIFEST_NAME).is_file():
+    """The experiment folders at or under `path` (a folder with a manifest, or a root holding such folders); a
+    folder that only jobs wrote to (a job run by hand with `--experiment-dir`) has their records only."""
+    if Manifest(path).exists():
         return [path]
-    return sorted(p.parent for p in path.glob(f"**/{MANIFEST_NAME}"))
+    found = {p.parent for p in path.glob(f"**/{MANIFEST_NAME}")} | {p.parent for p in path.glob(f"**/{RECORDS_DIR}")}
+    return sorted(found)
 
 
 def collect(experiment_dir: Path) -> tuple[list[JobStatus], str]:
