@@ -1,9 +1,11 @@
-"""`python -m jobs.run TASK CONFIG.yaml RUN_DIR [options]`: one attempt of a job on this rank.
+"""`python -m jobs.run SPEC.json` or `python -m jobs.run TASK CONFIG.yaml RUN_DIR [options]`: one attempt of a
+job on this rank.
 
-SLURM jobs run the same attempt through submitit (`jobs.runner.CheckpointableJob`); this entry point is
-for running one by hand or under another launcher (torchrun), and for the batch shell's decision after
-a bad exit of srun. The signal handlers go in before torch is imported, so that a preemption during
-start-up is not lost.
+The launcher writes each job's spec beside its task config (`jobs.spec.JobSpec`) and SLURM jobs run the same
+attempt through submitit (`jobs.runner.CheckpointableJob`); this entry point is for the batch shell's decision
+after a bad exit of srun, and for running a job by hand or under another launcher (torchrun), where the spec's
+fields are options. The signal handlers go in before torch is imported, so that a preemption during start-up is
+not lost.
 Exit status: 0 when the job finished, was requeued or was stopped on purpose; 1 when it failed; 75
 (EXIT_CRASHED) when another process of the job died or hung; 76 when this rank's stall watchdog ended it.
 
@@ -14,54 +16,40 @@ and it fails the job or requeues it after a crash (`jobs.after_step`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 
 from jobs.signals import StopFlag
 from jobs.spec import JobSpec
 
+_POSITIONAL = ("task", "config_path", "run_dir")
+_OPTIONS = [f for f in dataclasses.fields(JobSpec) if f.name not in _POSITIONAL]
+
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.run", description=__doc__.splitlines()[0])
-    parser.add_argument("task", help="pretrain, linprobe, fastprobe or finetune")
-    parser.add_argument("config", help="YAML file of the task's typed config")
-    parser.add_argument("run_dir", help="the task's run folder (checkpoints, metrics)")
-    parser.add_argument("--experiment-dir", help="experiment folder whose manifest records the attempts")
-    parser.add_argument("--job-name", help="this job's name in the manifest (default: the task)")
-    parser.add_argument("--submission", type=int, default=JobSpec.submission, help="the launcher's submission number")
-    parser.add_argument(
-        "--max-requeues", type=int, default=JobSpec.max_requeues, help="requeues of any cause before failing"
-    )
-    parser.add_argument(
-        "--max-timeouts", type=int, default=JobSpec.max_timeouts, help="time-limit requeues before failing"
-    )
-    parser.add_argument(
-        "--max-crashes", type=int, default=JobSpec.max_crashes, help="crashed or stalled attempts before failing"
-    )
-    parser.add_argument(
-        "--signal-delay-s", type=int, default=JobSpec.signal_delay_s, help="seconds between USR2 and the time limit"
-    )
-    parser.add_argument(
-        "--step-pause-s", type=float, default=JobSpec.step_pause_s, help="test knob: sleep at each step boundary"
-    )
+    parser.add_argument("job", nargs="+", metavar="SPEC.json | TASK CONFIG.yaml RUN_DIR")
+    for f in _OPTIONS:  # the spec's own fields and defaults: nothing is restated here
+        kind = type(f.default) if f.default is not None else str
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default, help=f"JobSpec.{f.name}")
     parser.add_argument("--after-step-status", type=int, help="run by the batch shell after srun exited with this")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if len(args.job) not in (1, 3):
+        parser.error("give a job spec file, or TASK CONFIG.yaml RUN_DIR")
+    return args
 
 
-def command_line(spec: JobSpec, python: str = sys.executable) -> list[str]:
-    """The `python -m jobs.run ...` argv that runs `spec` (the inverse of this module's parser)."""
-    cmd = [python, "-u", "-m", "jobs.run", spec.task, spec.config_path, spec.run_dir]
-    if spec.experiment_dir:
-        cmd += ["--experiment-dir", spec.experiment_dir]
-    if spec.job_name:
-        cmd += ["--job-name", spec.job_name]
-    if spec.submission:
-        cmd += ["--submission", str(spec.submission)]
-    cmd += ["--max-requeues", str(spec.max_requeues), "--max-timeouts", str(spec.max_timeouts)]
-    cmd += ["--max-crashes", str(spec.max_crashes), "--signal-delay-s", str(spec.signal_delay_s)]
-    if spec.step_pause_s:
-        cmd += ["--step-pause-s", str(spec.step_pause_s)]
-    return cmd
+def spec_from_args(args: argparse.Namespace) -> JobSpec:
+    """The spec the command line names: its file, or the three positionals with the options."""
+    if len(args.job) == 1:
+        return JobSpec.read(args.job[0])
+    return JobSpec(*args.job, **{f.name: getattr(args, f.name) for f in _OPTIONS})
+
+
+def command_line(spec_file: str, python: str = sys.executable) -> list[str]:
+    """The `python -m jobs.run SPEC.json` argv that runs the spec written to `spec_file`."""
+    return [python, "-u", "-m", "jobs.run", spec_file]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,20 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.runner import EXIT_CRASHED, configure_logging, run_attempt
 
     configure_logging()
-
-    spec = JobSpec(
-        task=args.task,
-        config_path=args.config,
-        run_dir=args.run_dir,
-        experiment_dir=args.experiment_dir,
-        job_name=args.job_name,
-        submission=args.submission,
-        max_requeues=args.max_requeues,
-        max_timeouts=args.max_timeouts,
-        max_crashes=args.max_crashes,
-        signal_delay_s=args.signal_delay_s,
-        step_pause_s=args.step_pause_s,
-    )
+    spec = spec_from_args(args)
     if args.after_step_status is not None:
         from jobs.after_step import after_step
 

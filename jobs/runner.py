@@ -63,7 +63,8 @@ class JobOutcome:
 
 
 class CheckpointableJob:
-    """A submitit-compatible callable: `job()` runs one attempt; `checkpoint()` resubmits the same spec.
+    """A submitit-compatible callable: `job()` runs one attempt of the spec in `spec_file` (the launcher wrote
+    it beside the task config); `checkpoint()` resubmits the same spec.
 
     Its first action installs the flag-only stop handlers over submitit's own (which ignore SIGTERM and
     tell a timeout from a preemption by elapsed time), so the job's record decides. submitit calls
@@ -75,14 +76,14 @@ class CheckpointableJob:
     result that says it finished. A finished attempt returns its outcome and a failed one raises, as usual.
     """
 
-    def __init__(self, spec: JobSpec) -> None:
-        self.spec = spec
+    def __init__(self, spec_file: str | Path) -> None:
+        self.spec_file = str(spec_file)
 
     def __call__(self) -> JobOutcome:
         flag = StopFlag().install()
         try:
             configure_logging()
-            outcome = run_attempt(self.spec, flag)
+            outcome = run_attempt(JobSpec.read(self.spec_file), flag)
         finally:
             flag.restore()
         if outcome.status != "finished" and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
@@ -96,7 +97,7 @@ class CheckpointableJob:
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         import submitit
 
-        return submitit.helpers.DelayedSubmission(CheckpointableJob(self.spec))
+        return submitit.helpers.DelayedSubmission(CheckpointableJob(self.spec_file))
 
 
 class _StepWatch:

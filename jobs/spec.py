@@ -1,9 +1,13 @@
 """What a job runs (`JobSpec`): the one definition of the values the launcher hands to a node, and of their
-defaults; the launcher's cluster config takes its defaults from here."""
+defaults. The launcher writes each submission's spec as a file beside the task config
+(`jobs/<job>.submission-<k>.json`); the node reads it (`python -m jobs.run SPEC.json`, `CheckpointableJob`).
+The launcher's cluster config takes its defaults from here."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 
 @dataclass
@@ -37,3 +41,21 @@ class JobSpec:
     @property
     def name(self) -> str:
         return self.job_name or self.task
+
+    def write(self, path: str | Path) -> Path:
+        """Write the spec as JSON (every field); the file is complete before it has its name."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def read(cls, path: str | Path) -> JobSpec:
+        """The spec a file holds; a field this version does not know is refused, a missing one takes its default."""
+        values = json.loads(Path(path).read_text())
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"job spec {path} has fields this toolkit does not know: {', '.join(unknown)}")
+        return cls(**values)

@@ -354,7 +354,8 @@ def test_dry_run_prints_dag_and_scripts_and_writes_nothing(data: Path, tmp_path:
     assert "linprobe (linprobe, 1 node(s), 10 min)  [afterok: pretrain]" in out
     assert "#SBATCH --dependency='afterok:<pretrain job id>'" in out  # (shell-quoted by submitit)
     assert f"# ---- linprobe: submitit submits {tmp_path}/tiny/submitit/linprobe/<job id>_submission.sh" in out
-    assert out.count("#!/bin/bash") == 4 and "jobs.run pretrain" in out and "#SBATCH --nodes=2" in out
+    assert out.count("#!/bin/bash") == 4 and "#SBATCH --nodes=2" in out
+    assert f"jobs.run {tmp_path}/tiny/jobs/pretrain.submission-1.json" in out
 
 
 def test_cli_reports_bad_input_without_a_traceback(data: Path, tmp_path: Path) -> None:
@@ -434,3 +435,20 @@ def test_cluster_budget_defaults_come_from_the_job_spec() -> None:
     cluster, spec, parsed = ClusterConfig(), JobSpec("pretrain", "c.yaml", "run"), _parse(["pretrain", "c.yaml", "run"])
     for name in ("signal_delay_s", "max_requeues", "max_timeouts", "max_crashes", "step_pause_s"):
         assert getattr(cluster, name) == getattr(spec, name) == getattr(parsed, name), name
+
+
+def test_a_job_spec_travels_as_a_file_and_by_hand_options_are_its_fields(tmp_path: Path) -> None:
+    from jobs.run import _parse, command_line, spec_from_args
+    from jobs.spec import JobSpec
+
+    spec = JobSpec("linprobe", "c.yaml", "run", experiment_dir="exp", job_name="lp", submission=3, max_crashes=1)
+    path = spec.write(tmp_path / "jobs" / "lp.submission-3.json")
+    assert JobSpec.read(path) == spec
+    argv = command_line(str(path), python="py")
+    assert argv == ["py", "-u", "-m", "jobs.run", str(path)]
+    assert spec_from_args(_parse(argv[4:])) == spec
+    by_hand = ["linprobe", "c.yaml", "run", "--experiment-dir", "exp", "--job-name", "lp", "--submission", "3"]
+    assert spec_from_args(_parse([*by_hand, "--max-crashes", "1"])) == spec
+    path.write_text(path.read_text().replace('"task"', '"tsak"'))
+    with pytest.raises(ValueError, match="fields this toolkit does not know: tsak"):
+        JobSpec.read(path)

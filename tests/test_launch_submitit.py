@@ -47,7 +47,8 @@ def test_every_published_preset_renders_a_script_with_the_launchers_options(tmp_
     assert trap < lines.index(srun)  # the batch shell survives SIGTERM before srun starts
     after = lines[lines.index(srun) + 1 :]
     assert [line for line in after if line.strip() and not line.startswith("#")][0] == "rc=$?"
-    assert any("-m jobs.run pretrain" in line and line.endswith('--after-step-status "$rc"') for line in after)
+    spec_file = exp.dir / "jobs" / "pretrain.submission-1.json"  # the spec of the job's first submission
+    assert any(line.endswith(f'-m jobs.run {spec_file} --after-step-status "$rc"') for line in after), after
     assert after[-1] == 'exit "$rc"'
 
 

@@ -21,7 +21,7 @@ from jobs.manifest import now_iso, set_launcher_state
 from jobs.runner import CheckpointableJob, JobOutcome, JobSpec, run_attempt
 from jobs.states import JobState
 from launch.config.schema import ClusterConfig, LaunchConfig
-from launch.planning.experiment import Experiment, job_spec, write_job_config
+from launch.planning.experiment import Experiment, job_spec, write_job_config, write_job_spec
 from launch.planning.plan import DONE_ACTION, SUBMIT, PlannedJob
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ def run_planned(exp: Experiment, cfg: LaunchConfig, planned: list[PlannedJob]) -
             )
         ranks = p.node.nodes * cfg.cluster.tasks_per_node
         log.info("running %s locally (%d rank(s), %s)", name, ranks, cfg.cluster.executor)
-        outcome = _run_one(exp, spec, cfg.cluster, ranks)
+        outcome = _run_one(exp, write_job_spec(exp, spec), cfg.cluster, ranks)
         if outcome.status == "finished":
             ok.add(name)
         elif outcome.status == "stopped":
@@ -75,13 +75,13 @@ def run_planned(exp: Experiment, cfg: LaunchConfig, planned: list[PlannedJob]) -
     return 0
 
 
-def _run_one(exp: Experiment, spec: JobSpec, cluster: ClusterConfig, ranks: int) -> JobOutcome:
+def _run_one(exp: Experiment, spec_file: Path, cluster: ClusterConfig, ranks: int) -> JobOutcome:
     if cluster.executor == "inprocess":
         try:
-            return run_attempt(spec)
+            return run_attempt(JobSpec.read(spec_file))
         except Exception as exc:  # recorded in the manifest by the runner; the pipeline stops here
             return JobOutcome("failed", "error", None, detail=f"{type(exc).__name__}: {exc}")
-    return _run_submitit(exp, spec, cluster, ranks)
+    return _run_submitit(exp, spec_file, cluster, ranks)
 
 
 def local_executor(folder: Path, cluster: ClusterConfig, ranks: int) -> submitit.LocalExecutor:
@@ -111,9 +111,10 @@ def _keep_chosen_gpus(gpus: int, visible: str | None) -> list[str]:
     return [f"export CUDA_VISIBLE_DEVICES={shlex.quote(','.join(chosen))}"] if gpus and chosen else []
 
 
-def _run_submitit(exp: Experiment, spec: JobSpec, cluster: ClusterConfig, ranks: int) -> JobOutcome:
+def _run_submitit(exp: Experiment, spec_file: Path, cluster: ClusterConfig, ranks: int) -> JobOutcome:
+    spec = JobSpec.read(spec_file)
     executor = local_executor(exp.dir / "logs" / "submitit", cluster, ranks)
-    job = executor.submit(CheckpointableJob(spec))
+    job = executor.submit(CheckpointableJob(spec_file))
     exp.manifest.update_job(spec.name, job_id=f"local-{job.job_id}", log=str(job.paths.stdout))
     # SIGTERM (a `kill` of the process group, a login node's session ending) is a Ctrl-C here: the ranks got
     # it too and save; the launcher waits for them instead of dying first.

@@ -54,7 +54,7 @@ def _teardown(node: JobNode, cluster: ClusterConfig, exp: Experiment) -> list[st
         "# A rank that crashed, hung or lost its peer cannot decide; this shell requeues the job or fails it.",
         'if [ "$rc" -ne 0 ]; then',
         "    "
-        + shlex.join(command_line(job_spec(exp, node.name, node.task, cluster), python))
+        + shlex.join(command_line(str(exp.job_spec_file(job_spec(exp, node.name, node.task, cluster))), python))
         + ' --after-step-status "$rc"',
         "    rc=$?",
         "fi",

@@ -12,7 +12,7 @@ from jobs.slurm_cli import cancel
 from jobs.states import JobState
 from launch.backends.sbatch import batch_script, make_executor, test_only
 from launch.config.schema import LaunchConfig
-from launch.planning.experiment import Experiment, job_spec, write_job_config
+from launch.planning.experiment import Experiment, job_spec, write_job_config, write_job_spec
 from launch.planning.plan import SUBMIT, PlannedJob
 from launch.reporting.jobstate import JobView
 
@@ -58,7 +58,7 @@ def submit_planned(exp: Experiment, cfg: LaunchConfig, planned: list[PlannedJob]
                 gpus_per_node=cfg.cluster.gpus_per_node,
             )
         executor = make_executor(p.node, cfg.cluster, exp, after)
-        job = executor.submit(CheckpointableJob(spec))
+        job = executor.submit(CheckpointableJob(write_job_spec(exp, spec)))
         job_id = str(job.job_id)
         ids[name] = job_id
         submitted[name] = job_id

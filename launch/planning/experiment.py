@@ -1,9 +1,11 @@
 """An experiment folder: its layout, its identity (the config it was made for) and its task configs.
 
 <root>/<name>/
-    manifest.json         jobs, ids, attempts, states (jobs.manifest)
+    manifest.json         the launcher's record: config, jobs, ids, submissions (jobs.manifest)
+    records/<job>.json    each job's own record: attempts, states (jobs.manifest)
     config.yaml           the full resolved launcher config of the last command
-    jobs/<job>.yaml       the typed config each job runs (`python -m jobs.run TASK jobs/<job>.yaml ...`)
+    jobs/<job>.yaml       the typed config each job runs
+    jobs/<job>.submission-<k>.json   the job spec of its k-th submission (`python -m jobs.run <that file>`)
     submitit/<job>/       submitit's folder of each SLURM job: <id>_submission.sh (its batch script),
                           <id>_submitted.pkl, <id>_<task>_result.pkl, <id>_<task>_log.out|err (appended
                           across requeues)
@@ -71,6 +73,11 @@ class Experiment:
 
     def job_config(self, job: str) -> Path:
         return self.dir / "jobs" / f"{job}.yaml"
+
+    def job_spec_file(self, spec: JobSpec) -> Path:
+        """Where a submission's spec lives: one file per submission, so that the batch shell of an earlier one,
+        still ending, reads its own."""
+        return self.dir / "jobs" / f"{spec.name}.submission-{spec.submission}.json"
 
     def submitit_dir(self, job: str) -> Path:
         """submitit's folder of a SLURM job: batch scripts, pickles, results and logs of every submission."""
@@ -190,6 +197,11 @@ def job_spec(exp: Experiment, name: str, task: str, cluster: ClusterConfig) -> J
         signal_delay_s=cluster.signal_delay_s,
         step_pause_s=cluster.step_pause_s,
     )
+
+
+def write_job_spec(exp: Experiment, spec: JobSpec) -> Path:
+    """Write the spec a submission runs beside its task config; returns the file the job is given."""
+    return spec.write(exp.job_spec_file(spec))
 
 
 def write_job_config(exp: Experiment, job: str, task_cfg: Any) -> Path:
