@@ -16,7 +16,7 @@ from rich.table import Table
 from launch.config.compose import load_launch_config
 from launch.config.schema import LaunchConfig
 from launch.planning.dag import build_dag, render_dag
-from launch.planning.experiment import Experiment, ExperimentConflict, check_ownership, prepare
+from launch.planning.experiment import Experiment, ExperimentConflict, check_ownership, job_spec, prepare
 from launch.planning.milestones import milestone_evaluations
 from launch.planning.plan import SUBMIT, PlannedJob, plan_jobs
 from launch.planning.validate import validate
@@ -132,4 +132,5 @@ def show_dry_run(console: Console, exp: Experiment, cfg: LaunchConfig, planned: 
         after = [f"<{d} job id>" for d in p.after]
         script = exp.submitit_dir(p.node.name) / "<job id>_submission.sh"
         console.out(f"\n# ---- {p.node.name}: submitit submits {script}:", highlight=False)
-        console.out(batch_script(p.node, cfg.cluster, exp, after), highlight=False, end="")
+        spec = job_spec(exp, p.node.name, p.node.task, cfg.cluster)
+        console.out(batch_script(p.node, cfg.cluster, exp, after, spec), highlight=False, end="")

@@ -13,7 +13,7 @@ from extrema.checkpoint import FORMAT, atomic_save
 from extrema.models.siamese import create_model
 from launch.backends.sbatch import batch_script
 from launch.config.compose import ConfigError, load_launch_config
-from launch.planning.experiment import Experiment, ExperimentConflict, check_ownership, is_amendable, prepare
+from launch.planning.experiment import Experiment, ExperimentConflict, check_ownership, is_amendable, job_spec, prepare
 from launch.planning.validate import ValidationError
 from launch.submit import plan_command, run_command
 from tests.image_data import write_image_folder
@@ -120,7 +120,8 @@ def test_every_cluster_knob_reaches_the_batch_script(tmp_path: Path) -> None:
     from launch.planning.dag import build_dag
 
     exp = Experiment.of(cfg)
-    script = batch_script(build_dag(cfg, "pretrain", exp)[0], cfg.cluster, exp, after=[])
+    node = build_dag(cfg, "pretrain", exp)[0]
+    script = batch_script(node, cfg.cluster, exp, [], job_spec(exp, node.name, node.task, cfg.cluster))
     for line in (
         "#SBATCH --partition=gpu", "#SBATCH --account=vision", "#SBATCH --qos=high", "#SBATCH --nodes=4",
         "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8", "#SBATCH --cpus-per-task=10",

@@ -85,6 +85,7 @@ def test_two_node_pipeline_runs_evaluations_after_pretraining(slurm_env: SlurmCl
     # submitit's own handle tells the truth, and it submitted exactly the script --dry-run prints.
     import submitit
 
+    from jobs.spec import JobSpec
     from launch.backends.sbatch import batch_script
     from launch.config.compose import load_launch_config
     from launch.planning.dag import build_dag
@@ -97,7 +98,9 @@ def test_two_node_pipeline_runs_evaluations_after_pretraining(slurm_env: SlurmCl
     for name in ("pretrain", "linprobe"):
         after = [] if name == "pretrain" else [ids["pretrain"]]
         submitted = (exp / "submitit" / name / f"{ids[name]}_submission.sh").read_text()
-        assert submitted == batch_script(nodes[name], cfg.cluster, Experiment.of(cfg), after)
+        spec = JobSpec.read(exp / "jobs" / f"{name}.submission-1.json")  # the spec that submission was given
+        assert spec.submission == 1 and spec.job_name == name
+        assert submitted == batch_script(nodes[name], cfg.cluster, Experiment.of(cfg), after, spec)
 
     # Running the pipeline again on the finished experiment submits nothing.
     again = run_command("pipeline", overrides, console=_console())

@@ -13,7 +13,7 @@ from launch.backends.sbatch import batch_script, python_command, slurm_parameter
 from launch.backends.submitit_script import render_batch_script, submitit_command
 from launch.config.compose import load_launch_config
 from launch.planning.dag import build_dag
-from launch.planning.experiment import Experiment
+from launch.planning.experiment import Experiment, job_spec
 from tests.launch_fixtures import make_dataset, run_launch
 
 PUBLISHED = ("vitb_80x5", "vitb_80x5_color", "vitb_90x8_color", "vitb_in22k_30ep_color")
@@ -23,7 +23,8 @@ def _script(tmp_path: Path, *overrides: str, job: str = "pretrain") -> tuple[str
     cfg = load_launch_config([f"root={tmp_path}", "cluster=slurm", *overrides])
     exp = Experiment.of(cfg)
     node = next(n for n in build_dag(cfg, "pipeline", exp) if n.name == job)
-    return batch_script(node, cfg.cluster, exp, after=["41"] if job != "pretrain" else []), exp
+    spec = job_spec(exp, job, node.task, cfg.cluster)
+    return batch_script(node, cfg.cluster, exp, ["41"] if job != "pretrain" else [], spec), exp
 
 
 @pytest.mark.parametrize("preset", PUBLISHED)
@@ -77,9 +78,10 @@ def test_the_rendered_script_is_the_one_a_slurm_executor_submits(tmp_path: Path)
     exp = Experiment.of(cfg)
     node = build_dag(cfg, "pipeline", exp)[1]
     executor = submitit.SlurmExecutor(exp.submitit_dir(node.name), python=python_command(cfg.cluster))
-    executor.update_parameters(**slurm_parameters(node, cfg.cluster, exp, ["7"]))
+    spec = job_spec(exp, node.name, node.task, cfg.cluster)
+    executor.update_parameters(**slurm_parameters(node, cfg.cluster, exp, ["7"], spec))
     submitted = executor._make_submission_file_text(executor._submitit_command_str, "uid")
-    assert submitted == batch_script(node, cfg.cluster, exp, ["7"])
+    assert submitted == batch_script(node, cfg.cluster, exp, ["7"], spec)
 
 
 # Each value would add a shell line, a second option on one #SBATCH line, or override a managed option.

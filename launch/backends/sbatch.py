@@ -21,10 +21,11 @@ from typing import Any
 
 from jobs.run import command_line
 from jobs.slurm_cli import SlurmError, run_tool
+from jobs.spec import JobSpec
 from launch.backends.submitit_script import render_batch_script
 from launch.config.schema import ClusterConfig
 from launch.planning.dag import JobNode
-from launch.planning.experiment import Experiment, job_spec
+from launch.planning.experiment import Experiment
 
 
 def python_command(cluster: ClusterConfig) -> str:
@@ -46,24 +47,24 @@ def _setup(cluster: ClusterConfig) -> list[str]:
     ]
 
 
-def _teardown(node: JobNode, cluster: ClusterConfig, exp: Experiment) -> list[str]:
+def _teardown(spec_file: Path, cluster: ClusterConfig) -> list[str]:
     python = cluster.python or sys.executable
     return [
         "rc=$?",  # srun's exit status: the first line after the command
         'echo "$(date +%FT%T) ranks exited with status $rc"',
         "# A rank that crashed, hung or lost its peer cannot decide; this shell requeues the job or fails it.",
         'if [ "$rc" -ne 0 ]; then',
-        "    "
-        + shlex.join(command_line(str(exp.job_spec_file(job_spec(exp, node.name, node.task, cluster))), python))
-        + ' --after-step-status "$rc"',
+        "    " + shlex.join(command_line(str(spec_file), python)) + ' --after-step-status "$rc"',
         "    rc=$?",
         "fi",
         'exit "$rc"',
     ]
 
 
-def slurm_parameters(node: JobNode, cluster: ClusterConfig, exp: Experiment, after: list[str]) -> dict[str, Any]:
-    """`SlurmExecutor.update_parameters` of one job, waiting (`afterok`) for the job ids in `after`."""
+def slurm_parameters(
+    node: JobNode, cluster: ClusterConfig, exp: Experiment, after: list[str], spec: JobSpec
+) -> dict[str, Any]:
+    """`SlurmExecutor.update_parameters` of one job's submission `spec`, waiting (`afterok`) for the ids in `after`."""
     additional: dict[str, Any] = {
         # Pinned: submitit would read the signal from the launcher's environment (SUBMITIT_PREEMPT_SIGNAL).
         "signal": f"USR2@{cluster.signal_delay_s}",
@@ -91,28 +92,28 @@ def slurm_parameters(node: JobNode, cluster: ClusterConfig, exp: Experiment, aft
         "constraint": cluster.constraint,
         "signal_delay_s": cluster.signal_delay_s,
         "setup": _setup(cluster),
-        "teardown": _teardown(node, cluster, exp),
+        "teardown": _teardown(exp.job_spec_file(spec), cluster),
         # srun does not inherit --cpus-per-task from sbatch since SLURM 22.05; one bad rank ends the step.
         "srun_args": ["--kill-on-bad-exit=1", f"--cpus-per-task={cluster.cpus_per_task}"],
         "additional_parameters": additional,
     }
 
 
-def batch_script(node: JobNode, cluster: ClusterConfig, exp: Experiment, after: list[str]) -> str:
-    """The script submitit will submit for this job (what `--dry-run` prints and `--test-only` checks)."""
+def batch_script(node: JobNode, cluster: ClusterConfig, exp: Experiment, after: list[str], spec: JobSpec) -> str:
+    """The script submitit will submit for this submission (what `--dry-run` prints and `--test-only` checks)."""
     return render_batch_script(
-        exp.submitit_dir(node.name), python_command(cluster), slurm_parameters(node, cluster, exp, after)
+        exp.submitit_dir(node.name), python_command(cluster), slurm_parameters(node, cluster, exp, after, spec)
     )
 
 
-def make_executor(node: JobNode, cluster: ClusterConfig, exp: Experiment, after: list[str]) -> Any:
+def make_executor(node: JobNode, cluster: ClusterConfig, exp: Experiment, after: list[str], spec: JobSpec) -> Any:
     """A `submitit.SlurmExecutor` for this one job."""
     import submitit
 
     executor = submitit.SlurmExecutor(
         folder=exp.submitit_dir(node.name), max_num_timeout=cluster.max_timeouts, python=python_command(cluster)
     )
-    executor.update_parameters(**slurm_parameters(node, cluster, exp, after))
+    executor.update_parameters(**slurm_parameters(node, cluster, exp, after, spec))
     return executor
 
 

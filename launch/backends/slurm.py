@@ -24,7 +24,8 @@ def check_with_sbatch(exp: Experiment, cfg: LaunchConfig, planned: list[PlannedJ
     partition, account or resource request SLURM rejects fails the command with sbatch's own message."""
     for p in planned:
         if p.action == SUBMIT:  # without the dependency: the jobs it waits for have no ids yet
-            test_only(p.node.name, batch_script(p.node, cfg.cluster, exp, after=[]))
+            spec = job_spec(exp, p.node.name, p.node.task, cfg.cluster)
+            test_only(p.node.name, batch_script(p.node, cfg.cluster, exp, [], spec))
 
 
 def submit_planned(exp: Experiment, cfg: LaunchConfig, planned: list[PlannedJob], views: dict[str, JobView]) -> dict:
@@ -57,7 +58,7 @@ def submit_planned(exp: Experiment, cfg: LaunchConfig, planned: list[PlannedJob]
                 nodes=p.node.nodes,
                 gpus_per_node=cfg.cluster.gpus_per_node,
             )
-        executor = make_executor(p.node, cfg.cluster, exp, after)
+        executor = make_executor(p.node, cfg.cluster, exp, after, spec)
         job = executor.submit(CheckpointableJob(write_job_spec(exp, spec)))
         job_id = str(job.job_id)
         ids[name] = job_id
