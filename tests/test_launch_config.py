@@ -121,7 +121,8 @@ def test_every_cluster_knob_reaches_the_batch_script(tmp_path: Path) -> None:
 
     exp = Experiment.of(cfg)
     node = build_dag(cfg, "pretrain", exp)[0]
-    script = batch_script(node, cfg.cluster, exp, [], job_spec(exp, node.name, node.task, cfg.cluster))
+    spec = job_spec(exp, node.name, node.task, cfg.cluster)
+    script = batch_script(node, cfg.cluster, exp, [], spec)
     for line in (
         "#SBATCH --partition=gpu", "#SBATCH --account=vision", "#SBATCH --qos=high", "#SBATCH --nodes=4",
         "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8", "#SBATCH --cpus-per-task=10",
@@ -129,7 +130,9 @@ def test_every_cluster_knob_reaches_the_batch_script(tmp_path: Path) -> None:
         "#SBATCH --exclusive", "#SBATCH --mail-type=FAIL", "#SBATCH --requeue", "module load cuda",
     ):  # fmt: skip
         assert line in script.splitlines(), f"{line!r} missing from:\n{script}"
-    assert "--max-requeues 7 --max-timeouts 3 --max-crashes 3 --signal-delay-s 180" in script
+    # The job's budgets travel in its spec file, which the batch shell's verdict reads too.
+    assert (spec.max_requeues, spec.max_timeouts, spec.max_crashes, spec.signal_delay_s) == (7, 3, 3, 180)
+    assert f"-m jobs.run {exp.job_spec_file(spec)} --after-step-status" in script
 
 
 @pytest.mark.parametrize(
