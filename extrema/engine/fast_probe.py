@@ -46,7 +46,6 @@ from extrema.engine.eval_common import (
     FrozenFeatures,
     build_encoder,
     load_probe_backbone,
-    setup_runtime,
     topk_correct,
     weights_digest,
 )
@@ -64,6 +63,7 @@ from extrema.engine.head_grid import (
 )
 from extrema.engine.knn import KNN_CHUNK, normalized_bank, sharded_knn_neighbours, vote
 from extrema.engine.logbook import Logbook
+from extrema.engine.runtime import setup_runtime
 from extrema.precision import autocast
 from extrema.rng import seed_everything
 from extrema.schedules import scaled_lr, warmup_cosine

@@ -51,11 +51,11 @@ from extrema.engine.eval_common import (
     build_encoder,
     load_protocol_weights,
     read_eval_weights,
-    setup_runtime,
     topk_correct,
 )
 from extrema.engine.eval_data import open_splits, sum_over_ranks, train_loader, val_batches
 from extrema.engine.logbook import Logbook, mean_over_ranks
+from extrema.engine.runtime import setup_runtime
 from extrema.optim import fused_adamw
 from extrema.precision import autocast, make_scaler
 from extrema.rng import capture_rng_state, restore_rng_state, seed_everything

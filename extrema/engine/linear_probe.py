@@ -36,12 +36,12 @@ from extrema.engine.eval_common import (
     FrozenFeatures,
     build_encoder,
     load_probe_backbone,
-    setup_runtime,
     topk_correct,
     weights_digest,
 )
 from extrema.engine.eval_data import open_splits, sum_over_ranks, train_loader, val_batches
 from extrema.engine.logbook import Logbook, mean_over_ranks
+from extrema.engine.runtime import setup_runtime
 from extrema.models.probe_head import PROBE_BN_EPS, build_probe_head
 from extrema.precision import autocast
 from extrema.rng import capture_rng_state, restore_rng_state, seed_everything

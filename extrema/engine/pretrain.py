@@ -20,13 +20,13 @@ from extrema.checkpoint import model_state as checkpoint_model_state
 from extrema.config import PretrainConfig
 from extrema.data import ResumableLoader
 from extrema.data.seeding import index_fingerprint
-from extrema.determinism import use_deterministic_kernels
-from extrema.distributed import all_reduce_sum, dist_info, is_distributed, resolve_device
+from extrema.distributed import all_reduce_sum, is_distributed
 from extrema.engine.base import FINAL_METRICS, FitResult, StopRequested, run_length
 from extrema.engine.checkpointed import CheckpointedRun, run_checkpoints
 from extrema.engine.divergence import DivergenceGuard
 from extrema.engine.logbook import Logbook, mean_over_ranks, read_metrics_log
 from extrema.engine.pretrain_data import PretrainData
+from extrema.engine.runtime import setup_runtime
 from extrema.engine.summary import write_json
 from extrema.masking import sample_masks
 from extrema.models.siamese import ExtremaModel, create_model
@@ -70,11 +70,7 @@ class PretrainTrainer(CheckpointedRun):
     def __init__(self, cfg: PretrainConfig, run_dir: str | Path, data: PretrainData | None = None) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        use_deterministic_kernels(cfg.run.deterministic)  # before any CUDA work, see extrema.determinism
-        self.dist = dist_info()
-        self.device = resolve_device(cfg.run.device, self.dist.local_rank)
-        if cfg.run.threads and self.device.type == "cpu":
-            torch.set_num_threads(cfg.run.threads)
+        self.dist, self.device = setup_runtime(cfg.run)
         o = cfg.optim
         # The split first, before the model and the data scan (auto: the ranks' split; what fits is measured later).
         plan_batch(o.batch_size, self.dist.world_size, 1 if o.accum_steps == AUTO else o.accum_steps)
