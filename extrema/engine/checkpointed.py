@@ -2,14 +2,13 @@
 
 All ranks save together (rank 0 writes, the others wait at a barrier), a run resumes from its newest good
 checkpoint, a stop request is honoured at a step boundary once the ranks agree that one has seen it, the wall
-time of every attempt adds up, a finished run reports instead of retraining, and each rank's random streams
-travel in the checkpoint so that a resume with the same ranks is exact. A trainer with a `guard` never saves a diverged
-state (NaN/inf loss or weights): it stops with `TrainingDiverged` and leaves its good checkpoints alone.
+time of every attempt adds up, and each rank's random streams travel in the checkpoint so that a resume with the
+same ranks is exact. A trainer with a `guard` never saves a diverged state (NaN/inf loss or weights): it stops
+with `TrainingDiverged` and leaves its good checkpoints alone.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -19,13 +18,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from extrema.batching import BatchPlan, plan_batch, plan_batch_on_device
 from extrema.checkpoint import CheckpointManager, read_checkpoint
 from extrema.config import RunConfig
-from extrema.distributed import DistInfo, all_reduce_sum, is_distributed
-from extrema.engine.base import CHECKPOINT_DIR, FINAL_METRICS, StopRequested
+from extrema.distributed import DistInfo, is_distributed
+from extrema.engine.base import CHECKPOINT_DIR, StopRequested
 from extrema.engine.divergence import DivergenceGuard
-from extrema.engine.metrics_record import dataset_info, write_eval_metrics
 from extrema.engine.stop_poll import StopPoll
 
 log = logging.getLogger(__name__)
@@ -137,76 +134,4 @@ class CheckpointedRun:
             "streams are re-seeded",
             len(per_rank),
             self.dist.world_size,
-        )
-
-
-_EVAL_KEYS = {"batch_key": "batch_size", "accum_key": "accum_steps"}
-
-
-class EvaluationRun(CheckpointedRun):
-    """A CheckpointedRun that ends in an evaluation's metrics.json (linear probe, fast probe, finetune).
-
-    The trainer also sets `protocol`, `cfg` (with `.data`), `splits` (EvalSplits) and `weights` (WeightsSource).
-    """
-
-    protocol: str
-    cfg: Any
-    splits: Any
-    weights: Any
-
-    def _configured_plan(self) -> BatchPlan:
-        """The split as configured (`batch_size`, `accum_steps`; auto by run.max_micro_batch, else one step for
-        now): an impossible split fails before any weights are read."""
-        c = self.cfg
-        return plan_batch(
-            c.batch_size, self.dist.world_size, c.accum_steps, max_micro_batch=c.run.max_micro_batch, **_EVAL_KEYS
-        )
-
-    def _measured_plan(self) -> BatchPlan:
-        """The split to train with: for accum_steps=auto on a GPU without run.max_micro_batch, the fewest micro-steps
-        whose `_trial_step` fits (the same on every rank). Needs the trainer's `optimizer`."""
-        c = self.cfg
-        return plan_batch_on_device(
-            c.batch_size,
-            self.dist.world_size,
-            c.accum_steps,
-            max_micro_batch=c.run.max_micro_batch,
-            device=self.device,
-            trial_step=self._trial_step,
-            optimizer=self.optimizer,
-            **_EVAL_KEYS,
-        )
-
-    def _trial_step(self, micro_batch: int) -> None:
-        raise NotImplementedError
-
-    def _finished_metrics(self) -> dict | None:
-        """The final metrics of a run that already finished at this step (a requeue reports, never redoes)."""
-        path = self.run_dir / FINAL_METRICS
-        if self.step < self.total_steps or not path.is_file():
-            return None
-        record = json.loads(path.read_text())
-        return record if record.get("results", {}).get("step") == self.step else None
-
-    def _write_metrics(self, derived: dict, results: dict) -> dict:
-        """Write metrics.json (main rank) and return its record; the other ranks return the results only."""
-        loader = getattr(self, "loader", None)  # the training images' loader (the fast probe reads a feature cache)
-        bad = None
-        if loader is not None and hasattr(loader, "bad_files"):  # a collective: every rank gets here
-            bad = int(all_reduce_sum(torch.tensor([len(loader.bad_files)], device=self.device)).item())
-        if not self.dist.is_main:
-            return {"results": results}
-        data, splits = self.cfg.data, self.splits
-        return write_eval_metrics(
-            self.run_dir,
-            protocol=self.protocol,
-            config=self.cfg,
-            derived=derived,
-            results=results,
-            dataset=dataset_info(data.name, data.root, len(splits.train), len(splits.val), splits.classes),
-            weights=self.weights.as_dict(),
-            wall_time_s=self.wall_time,
-            device=self.device,
-            world_size=self.dist.world_size,
-            bad_images=bad,
         )

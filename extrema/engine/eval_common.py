@@ -14,9 +14,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from extrema.checkpoint import CheckpointError, backbone_state, is_reference_format, read_checkpoint
-from extrema.config.common import ModelConfig, RunConfig
-from extrema.determinism import use_deterministic_kernels
-from extrema.distributed import DistInfo, dist_info, resolve_device
+from extrema.config.common import ModelConfig
 from extrema.models.encoder import DropDraws, ExtremaViT, LayerNorm6, drop_path_scales, run_blocks
 from extrema.models.registry import create_encoder
 
@@ -176,16 +174,6 @@ def weights_digest(module: nn.Module) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def setup_runtime(run: RunConfig) -> tuple[DistInfo, torch.device]:
-    """This process's rank info and device; CPU thread count and deterministic kernels when set."""
-    use_deterministic_kernels(run.deterministic)  # before any CUDA work, see extrema.determinism
-    info = dist_info()
-    device = resolve_device(run.device, info.local_rank)
-    if run.threads and device.type == "cpu":
-        torch.set_num_threads(run.threads)
-    return info, device
 
 
 # ---- models ----------------------------------------------------------------------------------------------

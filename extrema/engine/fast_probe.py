@@ -32,6 +32,7 @@ import dataclasses
 import hashlib
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -40,17 +41,17 @@ from extrema.checkpoint import FORMAT, CheckpointError
 from extrema.config.evaluation import FastProbeConfig
 from extrema.data import ImageFolderDataset, OneViewPerImage, make_eval_transform
 from extrema.distributed import all_reduce_sum
-from extrema.engine.base import FitResult, StopRequested, run_length
-from extrema.engine.checkpointed import EvaluationRun, run_checkpoints
+from extrema.engine.base import StopRequested, run_length
+from extrema.engine.checkpointed import run_checkpoints
 from extrema.engine.eval_common import (
     FrozenFeatures,
     build_encoder,
     load_probe_backbone,
-    setup_runtime,
     topk_correct,
     weights_digest,
 )
 from extrema.engine.eval_data import EvalSplits, open_splits
+from extrema.engine.evaluation_run import EvaluationRun
 from extrema.engine.feature_cache import FeatureCache, shard_bounds
 from extrema.engine.head_grid import (
     GridSGD,
@@ -64,6 +65,7 @@ from extrema.engine.head_grid import (
 )
 from extrema.engine.knn import KNN_CHUNK, normalized_bank, sharded_knn_neighbours, vote
 from extrema.engine.logbook import Logbook
+from extrema.engine.runtime import setup_runtime
 from extrema.precision import autocast
 from extrema.rng import seed_everything
 from extrema.schedules import scaled_lr, warmup_cosine
@@ -232,27 +234,33 @@ class FastProbeTrainer(EvaluationRun):
 
         train_x (N_r, D), train_y (N_r,): this rank's block of train, rows `self.train_bounds` (all of train in
         one process). Every rank takes every step, with its rows of the step's global batch (maybe none).
+        The stop is polled before each step (at the pass start, then after each step but the last).
         """
         start = time.perf_counter()
+        trained = self.run_steps(
+            lambda: self._head_batches(train_x, train_y),
+            lambda batch: self.head_step(*batch, self.cfg.batch_size),
+            stop_requested,
+            poll_at_pass_start=True,
+        )
+        if trained:
+            self.timing["heads_s"] = self.timing.get("heads_s", 0.0) + time.perf_counter() - start
+        return trained
+
+    def _head_batches(self, train_x: torch.Tensor, train_y: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
+        """(features, labels) of this rank's rows of each remaining step's global batch, made when asked for."""
         rows, offsets, batches_epoch = None, [], -1
         while self.step < self.total_steps:
-            if self._stop(stop_requested):
-                return False
             epoch, position = divmod(self.step, self.steps_per_epoch)
             if epoch != batches_epoch:  # one permutation per epoch, not per step (ImageNet has 1.2M rows)
                 rows, offsets = self._epoch_batches(epoch)
                 batches_epoch = epoch
             mine = rows[offsets[position] : offsets[position + 1]]
-            metrics = self.head_step(train_x[mine], train_y[mine], self.cfg.batch_size)
-            if self.step % self.cfg.run.log_every_steps == 0 or self.step == self.total_steps:
-                record = {k: float(v) for k, v in metrics.items()}
-                self.logbook.write(self.step, {**record, "epoch": self.step / self.steps_per_epoch})
-            else:
-                self.logbook.advance(self.step)
-            if self.step % self.cfg.run.save_every_steps == 0 or self.step == self.total_steps:
-                self.save_checkpoint()
-        self.timing["heads_s"] = self.timing.get("heads_s", 0.0) + time.perf_counter() - start
-        return True
+            yield train_x[mine], train_y[mine]
+
+    def _log_record(self, metrics: dict) -> dict:
+        # The loss is summed over the ranks in the step already: no second collective.
+        return {**{k: float(v) for k, v in metrics.items()}, "epoch": self.step / self.steps_per_epoch}
 
     # ---- stage 3: choose, evaluate, kNN --------------------------------------------------------------------
     def _held_out(self) -> torch.Tensor:
@@ -333,24 +341,21 @@ class FastProbeTrainer(EvaluationRun):
         }
 
     # ---- the loop ------------------------------------------------------------------------------------------
-    def fit(self, stop_requested: StopRequested | None = None) -> FitResult:
-        """Extract (or reuse) features, train the grid, choose and evaluate, run kNN, write metrics.json."""
-        stop_requested = stop_requested or (lambda: False)
-        done = self._finished_metrics()
-        if done is not None:
-            log.info("fast probe already finished at step %d", self.step)
-            return FitResult("finished", self.step, done)
-        self._clock = time.perf_counter()
-        self.logbook.start(self.step)
-        try:
-            if not self.extract_features(stop_requested):
-                return FitResult("stopped", self.step)
-            train_x, train_y = self.caches["train"].load_own(self.device)  # this rank's block only
-            val_x, val_y = self.caches["val"].load(self.device)  # all of val: every rank's kNN queries it
-            if not self.train_heads(train_x, train_y, stop_requested):
-                return FitResult("stopped", self.step)
-        finally:
-            self.logbook.close()
+    def _train(self, stop_requested: StopRequested) -> bool:
+        """Extract (or reuse) the features, then train the grid on them (`_finish` evaluates it)."""
+        if not self.extract_features(stop_requested):
+            return False
+        train_x, train_y = self.caches["train"].load_own(self.device)  # this rank's block only
+        val_x, val_y = self.caches["val"].load(self.device)  # all of val: every rank's kNN queries it
+        if not self.train_heads(train_x, train_y, stop_requested):
+            return False
+        self._loaded = (train_x, train_y, val_x, val_y)  # handed to _finish, which lets go of them
+        return True
+
+    def _finish(self) -> dict:
+        """Choose and evaluate the heads, run kNN, write metrics.json."""
+        train_x, train_y, val_x, val_y = self._loaded
+        del self._loaded  # held by the locals only from here, so that the kNN can free the train block
         results = self.evaluate_grid(train_x, train_y, val_x, val_y)
         # The headline is the estimate of the linear probe; the best-of-grid head is reported beside it.
         estimate = results["protocol_head"]
@@ -364,7 +369,7 @@ class FastProbeTrainer(EvaluationRun):
             results["knn"] = self.evaluate_knn(bank_x, bank_y, val_x, val_y)
         results["step"] = self.step
         results["timing"] = dict(self.timing)
-        return FitResult("finished", self.step, self._report(results))
+        return self._report(results)
 
     def _report(self, results: dict) -> dict:
         self._bank_time()

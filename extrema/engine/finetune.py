@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -39,8 +38,8 @@ from extrema.data import IMAGENET_MEAN, IMAGENET_STD
 from extrema.data.randaugment import keep_zero_bit_posterize
 from extrema.data.sample_draws import StudentDraws
 from extrema.distributed import is_distributed
-from extrema.engine.base import FitResult, StopRequested, run_length
-from extrema.engine.checkpointed import EvaluationRun, run_checkpoints
+from extrema.engine.base import StopRequested, run_length
+from extrema.engine.checkpointed import run_checkpoints
 from extrema.engine.divergence import DivergenceGuard
 from extrema.engine.eval_common import (
     FINETUNE_DROPPED_KEYS,
@@ -51,11 +50,12 @@ from extrema.engine.eval_common import (
     build_encoder,
     load_protocol_weights,
     read_eval_weights,
-    setup_runtime,
     topk_correct,
 )
 from extrema.engine.eval_data import open_splits, sum_over_ranks, train_loader, val_batches
-from extrema.engine.logbook import Logbook, mean_over_ranks
+from extrema.engine.evaluation_run import EvaluationRun
+from extrema.engine.logbook import Logbook
+from extrema.engine.runtime import setup_runtime
 from extrema.optim import fused_adamw
 from extrema.precision import autocast, make_scaler
 from extrema.rng import capture_rng_state, restore_rng_state, seed_everything
@@ -278,41 +278,17 @@ class FinetuneTrainer(EvaluationRun):
         return {"top1": 100 * counts["top1"] / n, "top5": 100 * counts["top5"] / n, "loss": counts["loss"] / n}
 
     # ---- the loop -------------------------------------------------------------------------------------------------
-    def fit(self, stop_requested: StopRequested | None = None) -> FitResult:
-        """Train to the end of the schedule (evaluating every `eval_every_epochs`), then write metrics.json."""
-        stop_requested = stop_requested or (lambda: False)
-        done = self._finished_metrics()
-        if done is not None:
-            log.info("finetune already finished at step %d: %s", self.step, done["results"])
-            return FitResult("finished", self.step, done)
-        self.logbook.start(self.step)
-        self._clock = time.perf_counter()
-        try:
-            while self.step < self.total_steps:
-                # Stop checks sit where no batch is in hand: the loader counts a batch once it is handed out.
-                if self._stop(stop_requested):
-                    return FitResult("stopped", self.step)
-                self.loader.set_epoch(self.step // self.steps_per_epoch)
-                for batch in self.loader:
-                    metrics = self.train_step(batch["image"], batch["label"], batch.get("draws", {}).get("drops"))
-                    if self.step % self.cfg.run.log_every_steps == 0 or self.step == self.total_steps:
-                        record = mean_over_ranks(metrics)  # every rank's loss, not rank 0's
-                        self.logbook.write(self.step, {**record, "epoch": self.step / self.steps_per_epoch})
-                        self.guard.check(self.step, self.device)  # the loss was synced for the log anyway
-                    else:
-                        self.logbook.advance(self.step)
-                    self._maybe_evaluate()
-                    if self.step % self.cfg.run.save_every_steps == 0 or self.step == self.total_steps:
-                        self.save_checkpoint()
-                    if self.step >= self.total_steps:
-                        break
-                    if self._stop(stop_requested):
-                        return FitResult("stopped", self.step)
-        finally:
-            self.logbook.close()
-        return FitResult("finished", self.step, self._finish())
+    def _train(self, stop_requested: StopRequested) -> bool:
+        """Train to the end of the schedule; the stop is polled at each epoch start and after each step."""
+        return self.run_steps(
+            self._loader_pass,
+            lambda batch: self.train_step(batch["image"], batch["label"], batch.get("draws", {}).get("drops")),
+            stop_requested,
+            poll_at_pass_start=True,
+        )
 
-    def _maybe_evaluate(self) -> None:
+    def _on_step_end(self) -> None:
+        """Every `eval_every_epochs` epochs, at the epoch's last step: log val accuracy and keep the best."""
         every = self.cfg.eval_every_epochs
         epoch, within = divmod(self.step, self.steps_per_epoch)
         if within or not every or epoch % every or self.step == self.total_steps:

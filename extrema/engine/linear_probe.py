@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -30,18 +29,19 @@ from extrema.checkpoint import FORMAT, CheckpointError
 from extrema.config.evaluation import LinearProbeConfig
 from extrema.data import make_eval_transform
 from extrema.distributed import is_distributed
-from extrema.engine.base import FitResult, StopRequested, run_length
-from extrema.engine.checkpointed import EvaluationRun, run_checkpoints
+from extrema.engine.base import StopRequested, run_length
+from extrema.engine.checkpointed import run_checkpoints
 from extrema.engine.eval_common import (
     FrozenFeatures,
     build_encoder,
     load_probe_backbone,
-    setup_runtime,
     topk_correct,
     weights_digest,
 )
 from extrema.engine.eval_data import open_splits, sum_over_ranks, train_loader, val_batches
-from extrema.engine.logbook import Logbook, mean_over_ranks
+from extrema.engine.evaluation_run import EvaluationRun
+from extrema.engine.logbook import Logbook
+from extrema.engine.runtime import setup_runtime
 from extrema.models.probe_head import PROBE_BN_EPS, build_probe_head
 from extrema.precision import autocast
 from extrema.rng import capture_rng_state, restore_rng_state, seed_everything
@@ -154,41 +154,21 @@ class LinearProbeTrainer(EvaluationRun):
         }
 
     # ---- the loop ------------------------------------------------------------------------------------------
-    def fit(self, stop_requested: StopRequested | None = None) -> FitResult:
-        """Train the head to the end of the schedule, then evaluate and write metrics.json."""
-        stop_requested = stop_requested or (lambda: False)
-        done = self._finished_metrics()
-        if done is not None:
-            log.info("linear probe already finished at step %d: %s", self.step, done["results"])
-            return FitResult("finished", self.step, done)
-        self.logbook.start(self.step)
-        self._clock = time.perf_counter()
+    def _train(self, stop_requested: StopRequested) -> bool:
+        """Train the head to the end of the schedule; the stop is polled at each epoch start and after each step."""
+        return self.run_steps(
+            self._loader_pass,
+            lambda batch: self.train_step(batch["image"], batch["label"]),
+            stop_requested,
+            poll_at_pass_start=True,
+        )
+
+    def _on_step_end(self) -> None:
+        """Every `eval_every_epochs` epochs, at the epoch's last step (the run's last one too): log val accuracy."""
         every = self.cfg.eval_every_epochs
-        try:
-            while self.step < self.total_steps:
-                # Stop checks sit where no batch is in hand: the loader counts a batch once it is handed out.
-                if self._stop(stop_requested):
-                    return FitResult("stopped", self.step)
-                self.loader.set_epoch(self.step // self.steps_per_epoch)
-                for batch in self.loader:
-                    metrics = self.train_step(batch["image"], batch["label"])
-                    if self.step % self.cfg.run.log_every_steps == 0 or self.step == self.total_steps:
-                        record = mean_over_ranks(metrics)  # every rank's loss, not rank 0's
-                        self.logbook.write(self.step, {**record, "epoch": self.step / self.steps_per_epoch})
-                    else:
-                        self.logbook.advance(self.step)
-                    at_epoch_end = self.step % self.steps_per_epoch == 0
-                    if every and at_epoch_end and (self.step // self.steps_per_epoch) % every == 0:
-                        self.logbook.write(self.step, {f"val_{k}": v for k, v in self.evaluate().items()})
-                    if self.step % self.cfg.run.save_every_steps == 0 or self.step == self.total_steps:
-                        self.save_checkpoint()
-                    if self.step >= self.total_steps:
-                        break
-                    if self._stop(stop_requested):
-                        return FitResult("stopped", self.step)
-        finally:
-            self.logbook.close()
-        return FitResult("finished", self.step, self._finish())
+        epoch, within = divmod(self.step, self.steps_per_epoch)
+        if every and not within and epoch % every == 0:
+            self.logbook.write(self.step, {f"val_{k}": v for k, v in self.evaluate().items()})
 
     def _finish(self) -> dict:
         results = self.evaluate()

@@ -1,7 +1,8 @@
 """The ExtreMA pretraining trainer: small, stateful, exactly resumable.
 
-`fit()` loops `train_step()` over a resumable sampler; `state_dict()` holds everything a resume needs
-(model, optimizer, scaler, counters, sampler position, every RNG stream of every rank).
+`fit()` (the run loop of `extrema.engine.run_loop`) loops `train_step()` over a resumable sampler; `state_dict()`
+holds everything a resume needs (model, optimizer, scaler, counters, sampler position, every RNG stream of every
+rank).
 """
 
 from __future__ import annotations
@@ -14,19 +15,20 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from extrema.batching import AUTO, BatchPlan, gradient_sync, plan_batch, plan_batch_on_device, split_batch
+from extrema.batching import gradient_sync, split_batch
 from extrema.checkpoint import FORMAT, CheckpointError, export_backbone, read_checkpoint
 from extrema.checkpoint import model_state as checkpoint_model_state
 from extrema.config import PretrainConfig
 from extrema.data import ResumableLoader
 from extrema.data.seeding import index_fingerprint
-from extrema.determinism import use_deterministic_kernels
-from extrema.distributed import all_reduce_sum, dist_info, is_distributed, resolve_device
-from extrema.engine.base import FINAL_METRICS, FitResult, StopRequested, run_length
-from extrema.engine.checkpointed import CheckpointedRun, run_checkpoints
+from extrema.distributed import all_reduce_sum, is_distributed
+from extrema.engine.base import FINAL_METRICS, StopRequested, run_length
+from extrema.engine.checkpointed import run_checkpoints
 from extrema.engine.divergence import DivergenceGuard
 from extrema.engine.logbook import Logbook, mean_over_ranks, read_metrics_log
-from extrema.engine.pretrain_data import PretrainData
+from extrema.engine.pretrain_data import PretrainBatch, PretrainData
+from extrema.engine.run_loop import RunLoop
+from extrema.engine.runtime import setup_runtime
 from extrema.engine.summary import write_json
 from extrema.masking import sample_masks
 from extrema.models.siamese import ExtremaModel, create_model
@@ -62,29 +64,24 @@ def initial_model(cfg: PretrainConfig) -> ExtremaModel:
     return create_model(**model_args(cfg))
 
 
-class PretrainTrainer(CheckpointedRun):
+class PretrainTrainer(RunLoop):
     """ExtreMA pretraining on one process, or on every rank of a process group (DDP)."""
 
     task = "pretraining"
+    batch_keys = ("optim.batch_size", "optim.accum_steps")
 
     def __init__(self, cfg: PretrainConfig, run_dir: str | Path, data: PretrainData | None = None) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        use_deterministic_kernels(cfg.run.deterministic)  # before any CUDA work, see extrema.determinism
-        self.dist = dist_info()
-        self.device = resolve_device(cfg.run.device, self.dist.local_rank)
-        if cfg.run.threads and self.device.type == "cpu":
-            torch.set_num_threads(cfg.run.threads)
-        o = cfg.optim
+        self.dist, self.device = setup_runtime(cfg.run)
         # The split first, before the model and the data scan (auto: the ranks' split; what fits is measured later).
-        plan_batch(o.batch_size, self.dist.world_size, 1 if o.accum_steps == AUTO else o.accum_steps)
-        self.batch_per_rank = o.batch_size // self.dist.world_size
+        self.batch_plan = self._configured_plan()
 
         self.model: ExtremaModel = initial_model(cfg).to(self.device)  # identical on every rank
         seed_everything(cfg.run.seed + self.dist.rank)  # then per-rank streams (drop-path, ...)
         self.mask_generator = torch.Generator(self.device).manual_seed(cfg.run.seed * 7919 + self.dist.rank)
 
-        self.data = data or PretrainData(cfg, self.dist, self.batch_per_rank, self.device, self.run_dir)
+        self.data = data or PretrainData(cfg, self.dist, self.batch_plan.per_rank, self.device, self.run_dir)
         self.steps_per_epoch = self.data.steps_per_epoch
         schedule_steps = cfg.optim.epochs * self.steps_per_epoch
         self.total_steps = run_length(schedule_steps, cfg.run.max_steps)
@@ -99,7 +96,7 @@ class PretrainTrainer(CheckpointedRun):
             skip=self.model.base_encoder.no_weight_decay(),
         )
         self.scaler = make_scaler(cfg.run.precision, self.device)
-        self.batch_plan = self._plan_batch()
+        self.batch_plan = self._measured_plan()
         log.info("pretraining: %s", self.batch_plan)
         self.net = self._wrap(self.model)
         self.step = 0  # optimizer steps done
@@ -107,21 +104,6 @@ class PretrainTrainer(CheckpointedRun):
         self.logbook = Logbook(self.run_dir, self.dist.is_main, self.total_steps, "pretrain")
         self.wall_time = 0.0  # seconds of training, summed over every attempt
         self.guard = DivergenceGuard(cfg.run.precision, cfg.run.max_skipped_steps)
-
-    def _plan_batch(self) -> BatchPlan:
-        """The configured split; accum_steps=auto on a GPU without run.max_micro_batch measures what fits."""
-        o = self.cfg.optim
-        return plan_batch_on_device(
-            o.batch_size,
-            self.dist.world_size,
-            o.accum_steps,
-            max_micro_batch=self.cfg.run.max_micro_batch,
-            device=self.device,
-            trial_step=self._trial_step,
-            optimizer=self.optimizer,
-            batch_key="optim.batch_size",
-            accum_key="optim.accum_steps",
-        )
 
     def _trial_step(self, micro_batch: int) -> None:
         """Forward + backward of `micro_batch` blank images, leaving no gradient or state behind: no optimizer step,
@@ -226,41 +208,30 @@ class PretrainTrainer(CheckpointedRun):
             batch, num_tokens, m.ratio, m.num_masks, self.mask_generator if generator is None else generator, m.disjoint
         )
 
-    # ---- the loop -----------------------------------------------------------------------------------
-    def fit(self, stop_requested: StopRequested | None = None) -> FitResult:
-        """Train to the end of the schedule, saving every N steps; save and return early on a stop request."""
-        stop_requested = stop_requested or (lambda: False)
-        self.logbook.start(self.step)
-        self._clock = time.perf_counter()
-        window = _ThroughputWindow(self.step)
-        images = 0  # this rank's share of the fingerprint of the images used since the last record
-        try:
-            while self.step < self.total_steps:
-                for batch in window.timed(self.data.iterate(self.step)):
-                    metrics = self.train_step(batch.student, batch.teacher, batch.keep, batch.drops)
-                    images += index_fingerprint(batch.indices)
-                    if self.step % self.cfg.run.log_every_steps == 0 or self.step == self.total_steps:
-                        record = mean_over_ranks(metrics)  # all ranks' loss and teacher_std, not rank 0's
-                        record.update(epoch=round(self.epoch_float, 4), bad_images=self.data.bad_images())
-                        record.update(window.read(self.step, self.cfg.optim.batch_size))
-                        # The same images per step on any number of ranks give the same value (see the README).
-                        record["image_digest"] = self._sum_over_ranks(images)
-                        images = 0
-                        self.logbook.write(self.step, record)
-                        self.guard.check(self.step, self.device)  # the loss was synced for the log anyway
-                    else:
-                        self.logbook.advance(self.step)
-                    if self.step % self.cfg.run.save_every_steps == 0 or self.step == self.total_steps:
-                        self.save_checkpoint()
-                    if self.step >= self.total_steps:
-                        break
-                    # Polled after each step (the loader counts a batch as used once handed out), and
-                    # agreed on by all ranks so that they save the same step together.
-                    if self._stop(stop_requested):
-                        return FitResult("stopped", self.step)
-        finally:
-            self.logbook.close()
-        return FitResult("finished", self.step, self._finish())
+    # ---- the loop -----------------------------------------------------------------------------------------------
+    def _train(self, stop_requested: StopRequested) -> bool:
+        """Train to the end of the schedule. The stop is polled after each step only (after its save, and not after
+        the last): the loader counts a batch as used once it has handed it out."""
+        self._window = _LogWindow(self.step)
+        return self.run_steps(
+            lambda: self._window.timed(self.data.iterate(self.step)),
+            self._batch_step,
+            stop_requested,
+            poll_at_pass_start=False,
+        )
+
+    def _batch_step(self, batch: PretrainBatch) -> dict:
+        metrics = self.train_step(batch.student, batch.teacher, batch.keep, batch.drops)
+        self._window.images += index_fingerprint(batch.indices)
+        return metrics
+
+    def _log_record(self, metrics: dict) -> dict:
+        record = mean_over_ranks(metrics)  # all ranks' loss and teacher_std, not rank 0's
+        record.update(epoch=round(self.epoch_float, 4), bad_images=self.data.bad_images())
+        record.update(self._window.read(self.step, self.cfg.optim.batch_size))
+        # The same images per step on any number of ranks give the same value (see the README).
+        record["image_digest"] = self._sum_over_ranks(self._window.take_images())
+        return record
 
     def _sum_over_ranks(self, value: int) -> int:
         return int(all_reduce_sum(torch.tensor([value], dtype=torch.int64, device=self.device)).item())
@@ -361,11 +332,13 @@ class PretrainTrainer(CheckpointedRun):
         return False
 
 
-class _ThroughputWindow:
-    """img/s and data-wait time per step since the last logged step."""
+class _LogWindow:
+    """What happened since the last logged step: img/s, data-wait time per step, and this rank's share of the
+    fingerprint of the images used."""
 
     def __init__(self, step: int) -> None:
         self.start, self.step, self.data_time = time.perf_counter(), step, 0.0
+        self.images = 0
 
     def timed(self, batches):
         it = iter(batches)
@@ -384,3 +357,7 @@ class _ThroughputWindow:
         out = {"img_per_s": steps * global_batch / max(now - self.start, 1e-9), "data_time": self.data_time / steps}
         self.start, self.step, self.data_time = now, step, 0.0
         return out
+
+    def take_images(self) -> int:
+        images, self.images = self.images, 0
+        return images
