@@ -43,10 +43,7 @@ from extrema.engine.base import FitResult, StopRequested, run_length
 from extrema.engine.checkpointed import EvaluationRun, run_checkpoints
 from extrema.engine.divergence import DivergenceGuard
 from extrema.engine.eval_common import (
-    FINETUNE_DROPPED_KEYS,
     FINETUNE_KIND,
-    FINETUNE_NEW_KEYS,
-    FinetuneViT,
     WeightsSource,
     build_encoder,
     load_protocol_weights,
@@ -56,6 +53,7 @@ from extrema.engine.eval_common import (
 )
 from extrema.engine.eval_data import open_splits, sum_over_ranks, train_loader, val_batches
 from extrema.engine.logbook import Logbook, mean_over_ranks
+from extrema.models.classifier import FINETUNE_DROPPED_KEYS, FINETUNE_NEW_KEYS, FinetuneViT
 from extrema.optim import fused_adamw
 from extrema.precision import autocast, make_scaler
 from extrema.rng import capture_rng_state, restore_rng_state, seed_everything

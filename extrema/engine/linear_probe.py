@@ -33,7 +33,6 @@ from extrema.distributed import is_distributed
 from extrema.engine.base import FitResult, StopRequested, run_length
 from extrema.engine.checkpointed import EvaluationRun, run_checkpoints
 from extrema.engine.eval_common import (
-    FrozenFeatures,
     build_encoder,
     load_probe_backbone,
     setup_runtime,
@@ -42,6 +41,7 @@ from extrema.engine.eval_common import (
 )
 from extrema.engine.eval_data import open_splits, sum_over_ranks, train_loader, val_batches
 from extrema.engine.logbook import Logbook, mean_over_ranks
+from extrema.models.frozen import FrozenFeatures
 from extrema.models.probe_head import PROBE_BN_EPS, build_probe_head
 from extrema.precision import autocast
 from extrema.rng import capture_rng_state, restore_rng_state, seed_everything
