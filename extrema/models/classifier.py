@@ -51,8 +51,9 @@ class FinetuneViT(nn.Module):
         with the head at depth + 1, as BEiT counts: the head gets decay ** 0, the last block decay ** 1."""
         return {"stem": r"^pos_embed|patch_embed", "blocks": r"^blocks\.(\d+)"}
 
-    def forward_tokens(self, images: torch.Tensor, drops: DropDraws | None = None) -> torch.Tensor:
-        """Patch tokens after the self-attention blocks: (B, N, D).
+    def forward_features(self, images: torch.Tensor, drops: DropDraws | None = None) -> torch.Tensor:
+        """timm's forward_features: the tokens before pooling, images (B, 3, H, W) -> patch tokens after the
+        self-attention blocks (B, N, D). Un-normed, as in timm's ViT with fc_norm: the norm comes after the pooling.
 
         `drops` (B, depth, 2): each image's own stochastic-depth draws (see `DropDraws`), so that an image's
         drop decisions do not depend on the batch it shares; used in training only (eval mode never drops).
@@ -62,13 +63,15 @@ class FinetuneViT(nn.Module):
         scales = drop_path_scales(drops, self.drop_path_rates) if self.training else None
         return run_blocks(self.blocks, x, scales)
 
-    def forward_features(self, images: torch.Tensor, drops: DropDraws | None = None) -> torch.Tensor:
-        """fc_norm of the mean patch token: (B, D)."""
-        return self.fc_norm(self.forward_tokens(images, drops).mean(dim=1))
+    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """timm's forward_head: mean-pool the tokens (B, N, D), fc_norm -> (B, D), returned as is with `pre_logits`,
+        else the class logits (B, num_classes)."""
+        pooled = self.fc_norm(tokens.mean(dim=1))
+        return pooled if pre_logits else self.head(pooled)
 
     def forward(self, images: torch.Tensor, drops: DropDraws | None = None) -> torch.Tensor:
-        """Class logits: (B, num_classes)."""
-        return self.head(self.forward_features(images, drops))
+        """Class logits: `forward_head(forward_features(images, drops))`, (B, num_classes)."""
+        return self.forward_head(self.forward_features(images, drops))
 
 
 def new_classifier(dim: int, num_classes: int, init_scale: float) -> nn.Linear:

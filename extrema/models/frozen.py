@@ -26,7 +26,7 @@ class FrozenFeatures(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encoder.forward_features(images).float()
+        return self.encoder.forward_unnormed_cls(images).float()
 
     @torch.no_grad()
     def embed(self, features: torch.Tensor) -> torch.Tensor:
