@@ -58,9 +58,10 @@ def measure_probes(payload: dict) -> dict:
     from extrema.config import DataConfig, ModelConfig, RunConfig
     from extrema.config.evaluation import FastProbeConfig, LinearProbeConfig
     from extrema.engine.fast_probe import FastProbeTrainer
-    from extrema.engine.head_grid import GridSGD, HeadGrid
+    from extrema.engine.head_grid import GridSGD
     from extrema.engine.knn import knn_scores
     from extrema.engine.linear_probe import LinearProbeTrainer
+    from extrema.models.head_grid import HeadGrid
     from extrema.precision import autocast
 
     arch, precision, device_name = payload["arch"], payload["precision"], payload.get("device", "cpu")

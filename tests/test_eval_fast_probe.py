@@ -15,8 +15,9 @@ from extrema.config import FastProbeConfig
 from extrema.distributed import DistInfo
 from extrema.engine.fast_probe import FastProbeTrainer, holdout_split
 from extrema.engine.feature_cache import FeatureCache
-from extrema.engine.head_grid import GridSGD, HeadGrid, grid_loss, grid_specs
+from extrema.engine.head_grid import GridSGD, grid_loss
 from extrema.engine.knn import knn_scores, knn_topk, merge_topk
+from extrema.models.head_grid import HeadGrid, grid_specs
 from tests.eval_runs import NUM_CLASSES, fast_probe_config, write_dataset, write_pretrain_checkpoint
 
 

@@ -58,8 +58,15 @@ class ModelConfig:
 
     @property
     def num_tokens(self) -> int:
-        """Patch tokens per image."""
+        """Patch tokens per image (the encoder's `num_tokens`, known here before any model is built)."""
         return (self.img_size // self.patch_size) ** 2
+
+    @property
+    def depth(self) -> int:
+        """Self-attention blocks of the encoder size `arch` (the encoder's `len(blocks)`)."""
+        from extrema.models.registry import ENCODER_SIZES
+
+        return ENCODER_SIZES[self.arch].depth
 
 
 @dataclass

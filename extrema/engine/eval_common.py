@@ -1,5 +1,6 @@
-"""Pieces every evaluation protocol shares: weight loading with an explicit replace-list, the frozen feature
-model of the probes, the finetune model, class-list checks, top-k counting and a weights fingerprint."""
+"""Pieces every evaluation protocol shares: weight loading with an explicit replace-list, the configured encoder,
+the runtime setup, class-list checks, top-k counting and a weights fingerprint. The evaluation models themselves
+live in extrema.models (classifier, frozen, head_grid)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from timm.layers import trunc_normal_
 from torch import nn
 
 from extrema.checkpoint import CheckpointError, backbone_state, is_reference_format, read_checkpoint
 from extrema.config.common import ModelConfig
-from extrema.models.encoder import DropDraws, ExtremaViT, LayerNorm6, drop_path_scales, run_blocks
+from extrema.models.encoder import ExtremaViT
 from extrema.models.registry import create_encoder
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ def weights_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-# ---- models ----------------------------------------------------------------------------------------------
+# ---- the encoder -----------------------------------------------------------------------------------------
 def build_encoder(model: ModelConfig, drop_path_rate: float | None = None) -> ExtremaViT:
     """The configured encoder (random init), without a projector."""
     return create_encoder(
@@ -187,108 +187,6 @@ def build_encoder(model: ModelConfig, drop_path_rate: float | None = None) -> Ex
         layer_scale_init=model.layer_scale_init,
         class_attention_layers=model.class_attention_layers,
     )
-
-
-class FrozenFeatures(nn.Module):
-    """A frozen encoder in eval mode whose output is the probe feature: the un-normed [cls], (B, D) float32.
-
-    `train()` cannot switch the encoder out of eval mode (dropout / drop-path stay off, whatever the caller
-    does), and no parameter requires a gradient.
-    """
-
-    def __init__(self, encoder: ExtremaViT) -> None:
-        super().__init__()
-        self.encoder = encoder.requires_grad_(False).eval()
-
-    def train(self, mode: bool = True) -> FrozenFeatures:
-        super().train(mode)
-        self.encoder.eval()
-        return self
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encoder.forward_features(images).float()
-
-    @torch.no_grad()
-    def embed(self, features: torch.Tensor) -> torch.Tensor:
-        """The normed embedding from a probe feature (the encoder's final LayerNorm): (B, D) -> (B, D)."""
-        norm = self.encoder.norm
-        return nn.functional.layer_norm(
-            features, norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps
-        )
-
-
-class FinetuneViT(nn.Module):
-    """The BEiT-style finetune model: the encoder's patch embedding, positions and self-attention blocks,
-    no [cls] and no class-attention blocks; mean-pooled patch tokens -> fc_norm -> Linear head. The position
-    embedding is trained (no weight decay, in the patch embedding's layer-decay group), as the reference's.
-
-    Parameter names equal the encoder's (`patch_embed.*`, `blocks.*`) so pretrained weights load by name.
-    The token path repeats the encoder's three-line embedding rather than keeping the whole encoder (whose
-    [cls], class-attention blocks and final norm would then be dead parameters in every state dict).
-    """
-
-    def __init__(
-        self, encoder: ExtremaViT, num_classes: int, head_init_scale: float = 0.001, train_pos_embed: bool = True
-    ) -> None:
-        super().__init__()
-        self.embed_dim = encoder.embed_dim
-        self.num_classes = num_classes
-        self.patch_embed = encoder.patch_embed
-        # A parameter either way (same state-dict key as the encoder's buffer); trained as BEiT's learnable
-        # position embedding, initialised from the pretrained table, unless frozen. A frozen one is left out
-        # of the optimizer (timm's groups skip parameters without grad).
-        self.pos_embed = nn.Parameter(encoder.pos_embed.detach().clone(), requires_grad=train_pos_embed)
-        self.pos_drop = encoder.pos_drop
-        self.blocks = encoder.blocks
-        # The blocks' stochastic-depth rates, for per-image draws. A plain tensor, not a buffer: the model holds
-        # no buffers, which is what lets DDP skip broadcasting them before every forward.
-        self.drop_path_rates = encoder.drop_path_rates.detach().clone()
-        self.fc_norm = LayerNorm6(self.embed_dim)
-        self.head = new_classifier(self.embed_dim, num_classes, head_init_scale)
-
-    def no_weight_decay(self) -> set[str]:
-        """Names without weight decay besides 1-D tensors (timm's layer-decay groups read this)."""
-        return {"pos_embed"}
-
-    def group_matcher(self, coarse: bool = False) -> dict:
-        """Layer ids for timm's layer-wise lr decay: stem 0, block i -> i + 1, and (unmatched, so last) fc_norm
-        with the head at depth + 1, as BEiT counts: the head gets decay ** 0, the last block decay ** 1."""
-        return {"stem": r"^pos_embed|patch_embed", "blocks": r"^blocks\.(\d+)"}
-
-    def forward_tokens(self, images: torch.Tensor, drops: DropDraws | None = None) -> torch.Tensor:
-        """Patch tokens after the self-attention blocks: (B, N, D).
-
-        `drops` (B, depth, 2): each image's own stochastic-depth draws (see `DropDraws`), so that an image's
-        drop decisions do not depend on the batch it shares; used in training only (eval mode never drops).
-        None: timm's DropPath draws from the global RNG, per batch, in training.
-        """
-        x = self.pos_drop(self.patch_embed(images) + self.pos_embed.to(images.dtype))  # (B, N, D)
-        scales = drop_path_scales(drops, self.drop_path_rates) if self.training else None
-        return run_blocks(self.blocks, x, scales)
-
-    def forward_features(self, images: torch.Tensor, drops: DropDraws | None = None) -> torch.Tensor:
-        """fc_norm of the mean patch token: (B, D)."""
-        return self.fc_norm(self.forward_tokens(images, drops).mean(dim=1))
-
-    def forward(self, images: torch.Tensor, drops: DropDraws | None = None) -> torch.Tensor:
-        """Class logits: (B, num_classes)."""
-        return self.head(self.forward_features(images, drops))
-
-
-def new_classifier(dim: int, num_classes: int, init_scale: float) -> nn.Linear:
-    """A classifier as BEiT initialises it: trunc-normal(0.02) weight, zero bias, both times `init_scale`."""
-    head = nn.Linear(dim, num_classes)
-    trunc_normal_(head.weight, std=0.02)
-    nn.init.zeros_(head.bias)
-    with torch.no_grad():
-        head.weight.mul_(init_scale)
-    return head
-
-
-# The finetune protocol discards these pretrained keys and initialises these module keys itself.
-FINETUNE_DROPPED_KEYS = ("cls_token", "blocks_token.", "norm.")
-FINETUNE_NEW_KEYS = ("fc_norm.", "head.")
 
 
 # ---- data checks and accuracy ----------------------------------------------------------------------------

@@ -44,7 +44,6 @@ from extrema.distributed import all_reduce_sum
 from extrema.engine.base import StopRequested, run_length
 from extrema.engine.checkpointed import run_checkpoints
 from extrema.engine.eval_common import (
-    FrozenFeatures,
     build_encoder,
     load_probe_backbone,
     topk_correct,
@@ -53,19 +52,12 @@ from extrema.engine.eval_common import (
 from extrema.engine.eval_data import EvalSplits, open_splits
 from extrema.engine.evaluation_run import EvaluationRun
 from extrema.engine.feature_cache import FeatureCache, shard_bounds
-from extrema.engine.head_grid import (
-    GridSGD,
-    HeadGrid,
-    HeadSpec,
-    grid_loss,
-    grid_specs,
-    grid_topk_correct,
-    sum_over_ranks_,
-    with_protocol_head,
-)
+from extrema.engine.head_grid import GridSGD, grid_loss, grid_topk_correct, sum_over_ranks_, with_protocol_head
 from extrema.engine.knn import KNN_CHUNK, normalized_bank, sharded_knn_neighbours, vote
 from extrema.engine.logbook import Logbook
 from extrema.engine.runtime import setup_runtime
+from extrema.models.frozen import FrozenFeatures
+from extrema.models.head_grid import HeadGrid, HeadSpec, grid_specs
 from extrema.precision import autocast
 from extrema.rng import seed_everything
 from extrema.schedules import scaled_lr, warmup_cosine

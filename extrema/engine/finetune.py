@@ -42,10 +42,7 @@ from extrema.engine.base import StopRequested, run_length
 from extrema.engine.checkpointed import run_checkpoints
 from extrema.engine.divergence import DivergenceGuard
 from extrema.engine.eval_common import (
-    FINETUNE_DROPPED_KEYS,
     FINETUNE_KIND,
-    FINETUNE_NEW_KEYS,
-    FinetuneViT,
     WeightsSource,
     build_encoder,
     load_protocol_weights,
@@ -56,6 +53,7 @@ from extrema.engine.eval_data import open_splits, sum_over_ranks, train_loader, 
 from extrema.engine.evaluation_run import EvaluationRun
 from extrema.engine.logbook import Logbook
 from extrema.engine.runtime import setup_runtime
+from extrema.models.classifier import FINETUNE_DROPPED_KEYS, FINETUNE_NEW_KEYS, FinetuneViT
 from extrema.optim import fused_adamw
 from extrema.precision import autocast, make_scaler
 from extrema.rng import capture_rng_state, restore_rng_state, seed_everything

@@ -1,10 +1,7 @@
-"""A grid of linear probe heads trained together on the same batches of cached features.
+"""Training a HeadGrid (extrema.models.head_grid): SGD with one lr per head, the grid's loss and top-k counts.
 
-Each head is the reference probe head (optional BatchNorm1d without affine parameters, then Linear) with
-its own learning rate. A BatchNorm without affine parameters has nothing to learn, so all BN heads share
-one BN: one normalisation per batch, then one batched matmul per variant. SGD with momentum is written
-out for the stacked weights so that each head keeps its own lr; it is the same update as torch's SGD
-(dampening 0, no Nesterov, no weight decay): buf = m * buf + grad; w -= lr * buf.
+SGD with momentum is written out for the stacked weights so that each head keeps its own lr; it is the same update
+as torch's SGD (dampening 0, no Nesterov, no weight decay): buf = m * buf + grad; w -= lr * buf.
 
 Data-parallel, each rank computes the grid on its rows of the global batch: the BN takes the statistics of the
 global batch (GlobalBatchNorm1d), each rank's loss is its rows' share of the global mean (`grid_loss` with
@@ -14,75 +11,20 @@ makes on the whole batch.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from extrema.distributed import is_distributed
-from extrema.models.probe_head import PROBE_BN_EPS, GlobalBatchNorm1d
-
-
-@dataclass(frozen=True)
-class HeadSpec:
-    """One grid entry: the lr per 256 images and whether the BN comes first."""
-
-    base_lr: float
-    batchnorm: bool
-
-    @property
-    def name(self) -> str:
-        return f"lr{self.base_lr:g}_{'bn' if self.batchnorm else 'nobn'}"
-
-
-def grid_specs(lrs: Sequence[float], batchnorm: Sequence[bool]) -> list[HeadSpec]:
-    """All (batchnorm, lr) pairs, BN heads first (the forward relies on this order)."""
-    return [HeadSpec(lr, bn) for bn, lr in itertools.product(sorted(batchnorm, reverse=True), lrs)]
+from extrema.models.head_grid import HeadGrid, HeadSpec
 
 
 def with_protocol_head(specs: Sequence[HeadSpec], lr: float) -> list[HeadSpec]:
     """`specs` with the linear probe's head (BN, `lr`) among them: added first (BN heads lead) when missing."""
     protocol = HeadSpec(lr, True)
     return list(specs) if protocol in specs else [protocol, *specs]
-
-
-class HeadGrid(nn.Module):
-    """H heads over D-dim features for C classes. forward: (B, D) -> (H, B, C) logits."""
-
-    def __init__(self, dim: int, num_classes: int, specs: Sequence[HeadSpec], generator: torch.Generator | None = None):
-        super().__init__()
-        self.specs = list(specs)
-        self.num_bn = sum(s.batchnorm for s in self.specs)
-        if any(s.batchnorm for s in self.specs[self.num_bn :]):
-            raise ValueError("HeadGrid needs the BN heads first; build the specs with grid_specs()")
-        h = len(self.specs)
-        self.bn = GlobalBatchNorm1d(dim, affine=False, eps=PROBE_BN_EPS)  # BatchNorm1d in one process
-        # Reference head init: weight ~ N(0, 0.01), bias 0; weight laid out as nn.Linear's (C, D) per head.
-        self.weight = nn.Parameter(torch.randn(h, num_classes, dim, generator=generator) * 0.01)
-        self.bias = nn.Parameter(torch.zeros(h, num_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = []
-        if self.num_bn:
-            xb = self.bn(x)  # (B, D), shared by every BN head
-            parts.append(torch.einsum("bd,hcd->hbc", xb, self.weight[: self.num_bn]))
-        if self.num_bn < len(self.specs):
-            parts.append(torch.einsum("bd,hcd->hbc", x, self.weight[self.num_bn :]))
-        return torch.cat(parts) + self.bias[:, None, :]  # (H, B, C)
-
-    def head_state(self, index: int) -> dict[str, torch.Tensor]:
-        """One head as a plain `Sequential(BatchNorm1d(affine=False), Linear)` / `Linear` state dict."""
-        linear_prefix = "1." if self.specs[index].batchnorm else ""
-        state = {
-            f"{linear_prefix}weight": self.weight[index].detach().clone(),
-            f"{linear_prefix}bias": self.bias[index].detach().clone(),
-        }
-        if self.specs[index].batchnorm:
-            state.update({f"0.{k}": v.clone() for k, v in self.bn.state_dict().items()})
-        return state
 
 
 class GridSGD:

@@ -32,7 +32,6 @@ from extrema.distributed import is_distributed
 from extrema.engine.base import StopRequested, run_length
 from extrema.engine.checkpointed import run_checkpoints
 from extrema.engine.eval_common import (
-    FrozenFeatures,
     build_encoder,
     load_probe_backbone,
     topk_correct,
@@ -42,6 +41,7 @@ from extrema.engine.eval_data import open_splits, sum_over_ranks, train_loader, 
 from extrema.engine.evaluation_run import EvaluationRun
 from extrema.engine.logbook import Logbook
 from extrema.engine.runtime import setup_runtime
+from extrema.models.frozen import FrozenFeatures
 from extrema.models.probe_head import PROBE_BN_EPS, build_probe_head
 from extrema.precision import autocast
 from extrema.rng import capture_rng_state, restore_rng_state, seed_everything

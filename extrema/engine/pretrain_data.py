@@ -20,7 +20,6 @@ from extrema.data import (
 )
 from extrema.data.sample_draws import StudentDraws, mask_major
 from extrema.distributed import DistInfo, is_distributed
-from extrema.models.registry import ENCODER_SIZES
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ class PretrainBatch(NamedTuple):
 def student_draws(cfg: PretrainConfig) -> StudentDraws:
     """The per-image draws this config's student needs: its masks, and stochastic depth when it drops paths."""
     m = cfg.mask
-    depth = ENCODER_SIZES[cfg.model.arch].depth if cfg.model.drop_path_rate > 0 else 0
+    depth = cfg.model.depth if cfg.model.drop_path_rate > 0 else 0
     return StudentDraws(depth, cfg.model.num_tokens, m.ratio, m.num_masks, m.disjoint)
 
 

@@ -1,4 +1,4 @@
-"""Encoders, heads and the siamese ExtreMA model."""
+"""Encoders, heads, the siamese ExtreMA model and the evaluation models (classifier, frozen features, head grid)."""
 
 from extrema.models.encoder import ExtremaViT
 from extrema.models.registry import ENCODER_SIZES, create_encoder, register_size

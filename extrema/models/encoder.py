@@ -66,7 +66,8 @@ def _cpu_bf16_with_grad(weight: torch.Tensor) -> bool:
 
 
 class ExtremaViT(nn.Module):
-    """CaiT-style ViT encoder; `forward` returns the (B', D) embedding, `head` is the projector slot."""
+    """CaiT-style ViT encoder: `forward` gives the (B', D) embedding; `head` is the projector slot, which
+    `forward_head` applies (timm's split into `forward_features` and `forward_head`)."""
 
     def __init__(
         self,
@@ -163,40 +164,58 @@ class ExtremaViT(nn.Module):
     def forward_tokens(
         self, images: torch.Tensor, keep: KeepIndices | None = None, drops: DropDraws | None = None
     ) -> torch.Tensor:
-        """Patch tokens after the self-attention blocks: (B', n, D). `drops`: see `DropDraws` (None: timm's
-        DropPath draws from the global RNG, per batch)."""
+        """Patch tokens after the self-attention blocks, un-normed: (B', n, D). `drops`: see `DropDraws` (None:
+        timm's DropPath draws from the global RNG, per batch)."""
         return run_blocks(self.blocks, self.embed_tokens(images, keep), self.drop_path_scales(drops))
 
     def drop_path_scales(self, drops: DropDraws | None) -> torch.Tensor | None:
         """Residual multipliers of `drops` for this encoder's rates (None in eval mode or without draws)."""
         return drop_path_scales(drops, self.drop_path_rates) if self.training else None
 
-    def forward_cls(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The [cls] output of the class-attention blocks, before the final norm: (B', 1, D)."""
+    def class_attention(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The [cls] token read out of patch tokens (B', n, D) by the class-attention blocks, before the final
+        norm: (B', 1, D)."""
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
         for blk in self.blocks_token:
             cls = blk(tokens, cls)
         return cls
 
+    def forward_unnormed_cls(
+        self, images: torch.Tensor, keep: KeepIndices | None = None, drops: DropDraws | None = None
+    ) -> torch.Tensor:
+        """The [cls] output before the final norm (the linear-probe feature): images (B, 3, H, W) -> (B', D)."""
+        return self.class_attention(self.forward_tokens(images, keep, drops))[:, 0]
+
     def forward_features(
         self, images: torch.Tensor, keep: KeepIndices | None = None, drops: DropDraws | None = None
     ) -> torch.Tensor:
-        """Un-normed [cls] feature (the linear-probe feature): (B', D)."""
-        return self.forward_cls(self.forward_tokens(images, keep, drops))[:, 0]
+        """timm's forward_features: the final normed tokens before pooling, images (B, 3, H, W) -> (B', 1, D) with
+        B' = M*B when masked.
+
+        The one token is the [cls] output: the final norm acts on it alone, since nothing reads the patch tokens
+        after class attention (timm's CaiT norms them too and returns (B, 1 + N, D); `forward_tokens` gives them
+        un-normed). LayerNorm acts per token, so this [cls] equals the reference's norm of concat(cls, tokens)
+        at row 0.
+        """
+        return self.norm(self.class_attention(self.forward_tokens(images, keep, drops)))
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """timm's forward_head: pool the [cls] of `forward_features` (B', 1, D) into the embedding (B', D), returned
+        as is with `pre_logits`, else through the `head` slot (the projector: (B', P); identity on a backbone)."""
+        embedding = features[:, 0]
+        return embedding if pre_logits else self.head(embedding)
 
     def forward(
         self, images: torch.Tensor, keep: KeepIndices | None = None, drops: DropDraws | None = None
     ) -> torch.Tensor:
-        """The embedding: the final LayerNorm of the [cls] output, (B', D) with B' = M*B when masked.
+        """The embedding: `forward_head(forward_features(images, keep, drops), pre_logits=True)`, (B', D).
 
-        LayerNorm acts per token, so norming only the [cls] row equals the reference's norm of
-        concat(cls, tokens) followed by taking row 0.
+        Unlike timm's forward this stops before the `head` slot: there the siamese model keeps its projector (under
+        the reference's key names) and applies it itself, while every other caller (the evaluations, the API,
+        the reference comparisons) wants the embedding, projector or not. On a bare backbone (identity head) the
+        two are the same.
         """
-        return self.norm(self.forward_features(images, keep, drops))
-
-    def forward_head(self, embedding: torch.Tensor) -> torch.Tensor:
-        """Apply the projector slot (identity for a bare backbone)."""
-        return self.head(embedding)
+        return self.forward_head(self.forward_features(images, keep, drops), pre_logits=True)
 
 
 def drop_path_scales(drops: DropDraws | None, rates: torch.Tensor) -> torch.Tensor | None:

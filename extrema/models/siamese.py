@@ -69,11 +69,13 @@ class ExtremaModel(nn.Module):
 
         Returns {"loss", "pred" (M*B, P), "target" (B, P), "teacher_embedding" (B, D)}.
         """
+        # Both encoders run through their __call__ (what Module.compile() compiles and module hooks see), which
+        # gives the embedding; the projector in their head slot comes after.
         enc = self.base_encoder
-        pred = self.predictor(enc.forward_head(enc(student_view, keep, drops)))  # (M*B, P)
+        pred = self.predictor(enc.head(enc(student_view, keep, drops)))  # (M*B, P)
         with torch.no_grad():
             teacher_embedding = self.momentum_encoder(teacher_view)  # (B, D), all tokens
-            target = self.momentum_encoder.forward_head(teacher_embedding)  # (B, P)
+            target = self.momentum_encoder.head(teacher_embedding)  # (B, P)
         loss = self.loss_fn(pred, target)
         return {"loss": loss, "pred": pred, "target": target, "teacher_embedding": teacher_embedding}
 
