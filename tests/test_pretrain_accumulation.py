@@ -25,6 +25,10 @@ from tests.test_pretrain_ddp import free_port
 GLOBAL_BATCH = 16
 IMAGES = 48  # 3 optimizer steps per epoch
 RTOL = 1e-6  # ||a - b|| / ||b|| per tensor, model and optimizer state
+# AdamW's second moment holds squared gradients: a relative rounding error d in a gradient is 2d in its square
+# (d(g^2) / g^2 = 2 dg / g), so that state gets twice the bound. Regrouped fp32 sums round differently with
+# the CPU's vector width; one machine measured 1.05e-6 on a bias's exp_avg_sq.
+SQUARED_STATE = "exp_avg_sq"
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +113,13 @@ def relative_differences(ours: dict, theirs: dict, data_root: Path) -> dict[str,
     return out
 
 
+def assert_within_rounding(differences: dict[str, float]) -> None:
+    """Every tensor within RTOL of the reference, squared-gradient state within 2 RTOL (see SQUARED_STATE)."""
+    limits = {k: 2 * RTOL if k.endswith(SQUARED_STATE) else RTOL for k in differences}
+    worst = max(differences, key=lambda k: differences[k] / limits[k])
+    assert differences[worst] <= limits[worst], f"{worst}: {differences[worst]:.2e} > {limits[worst]:.0e}"
+
+
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
@@ -135,8 +146,7 @@ def test_accumulating_four_micro_batches_equals_the_whole_batch(data_root, tmp_p
 
     differences = relative_differences(final_state(tmp_path / "accum"), final_state(tmp_path / "whole"), data_root)
     assert any(k.startswith("model.momentum_encoder") for k in differences)  # teacher, student and AdamW state
-    worst = max(differences, key=differences.get)
-    assert differences[worst] <= RTOL, f"{worst}: {differences[worst]:.2e}"
+    assert_within_rounding(differences)
     assert final_state(tmp_path / "accum")["step"] == 3  # optimizer steps, not micro-steps
     assert image_digests(tmp_path / "accum") == image_digests(tmp_path / "whole")
     assert_trained(tmp_path / "whole", data_root, tmp_path)
@@ -146,8 +156,7 @@ def test_two_ranks_accumulating_two_equal_one_process_accumulating_four(data_roo
     train(data_root, tmp_path / "one", accum_steps=4, max_steps=3)
     train_on_ranks(2, data_root, tmp_path / "two", accum=2, steps=3)
     differences = relative_differences(final_state(tmp_path / "two"), final_state(tmp_path / "one"), data_root)
-    worst = max(differences, key=differences.get)
-    assert differences[worst] <= RTOL, f"{worst}: {differences[worst]:.2e}"
+    assert_within_rounding(differences)
     assert image_digests(tmp_path / "two") == image_digests(tmp_path / "one")
 
 
@@ -163,5 +172,4 @@ def test_a_run_resumed_on_fewer_ranks_sees_the_same_images_and_ends_at_the_same_
     assert changed == same  # the images of every optimizer step, before and after the change
     assert len(set(same.values())) == 5
     differences = relative_differences(final_state(tmp_path / "changed"), final_state(tmp_path / "same"), data_root)
-    worst = max(differences, key=differences.get)
-    assert differences[worst] <= RTOL, f"{worst}: {differences[worst]:.2e}"
+    assert_within_rounding(differences)
