@@ -55,7 +55,6 @@ from extrema.engine.feature_cache import FeatureCache, shard_bounds
 from extrema.engine.head_grid import GridSGD, grid_loss, grid_topk_correct, sum_over_ranks_, with_protocol_head
 from extrema.engine.knn import KNN_CHUNK, normalized_bank, sharded_knn_neighbours, vote
 from extrema.engine.logbook import Logbook
-from extrema.engine.runtime import setup_runtime
 from extrema.models.frozen import FrozenFeatures
 from extrema.models.head_grid import HeadGrid, HeadSpec, grid_specs
 from extrema.precision import autocast
@@ -97,10 +96,7 @@ class FastProbeTrainer(EvaluationRun):
     protocol = PROTOCOL
 
     def __init__(self, cfg: FastProbeConfig, run_dir: str | Path) -> None:
-        self.cfg = cfg
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.dist, self.device = setup_runtime(cfg.run)
+        self._open(cfg, run_dir)
 
         seed_everything(cfg.run.seed)
         encoder = build_encoder(cfg.model, drop_path_rate=0.0)

@@ -52,7 +52,6 @@ from extrema.engine.eval_common import (
 from extrema.engine.eval_data import open_splits, sum_over_ranks, train_loader, val_batches
 from extrema.engine.evaluation_run import EvaluationRun
 from extrema.engine.logbook import Logbook
-from extrema.engine.runtime import setup_runtime
 from extrema.models.classifier import FINETUNE_DROPPED_KEYS, FINETUNE_NEW_KEYS, FinetuneViT
 from extrema.optim import fused_adamw
 from extrema.precision import autocast, make_scaler
@@ -125,10 +124,7 @@ class FinetuneTrainer(EvaluationRun):
     protocol = PROTOCOL
 
     def __init__(self, cfg: FinetuneConfig, run_dir: str | Path) -> None:
-        self.cfg = cfg
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.dist, self.device = setup_runtime(cfg.run)
+        self._open(cfg, run_dir)
         self.batch_plan = self._configured_plan()  # an impossible split fails here, before any weights are read
         per_rank = self.batch_plan.per_rank
         if cfg.mixing and per_rank % 2:  # the micro-batches may be odd: Mixup sees the whole per-rank batch

@@ -40,7 +40,6 @@ from extrema.engine.eval_common import (
 from extrema.engine.eval_data import open_splits, sum_over_ranks, train_loader, val_batches
 from extrema.engine.evaluation_run import EvaluationRun
 from extrema.engine.logbook import Logbook
-from extrema.engine.runtime import setup_runtime
 from extrema.models.frozen import FrozenFeatures
 from extrema.models.probe_head import PROBE_BN_EPS, build_probe_head
 from extrema.precision import autocast
@@ -59,10 +58,7 @@ class LinearProbeTrainer(EvaluationRun):
     protocol = PROTOCOL
 
     def __init__(self, cfg: LinearProbeConfig, run_dir: str | Path) -> None:
-        self.cfg = cfg
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.dist, self.device = setup_runtime(cfg.run)
+        self._open(cfg, run_dir)
         self.batch_plan = self._configured_plan()  # an impossible split fails here, before any weights are read
 
         seed_everything(cfg.run.seed)  # the same encoder init (baseline) and head init on every rank

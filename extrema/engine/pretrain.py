@@ -28,7 +28,6 @@ from extrema.engine.divergence import DivergenceGuard
 from extrema.engine.logbook import Logbook, mean_over_ranks, read_metrics_log
 from extrema.engine.pretrain_data import PretrainBatch, PretrainData
 from extrema.engine.run_loop import RunLoop
-from extrema.engine.runtime import setup_runtime
 from extrema.engine.summary import write_json
 from extrema.masking import sample_masks
 from extrema.models.siamese import ExtremaModel, create_model
@@ -71,9 +70,7 @@ class PretrainTrainer(RunLoop):
     batch_keys = ("optim.batch_size", "optim.accum_steps")
 
     def __init__(self, cfg: PretrainConfig, run_dir: str | Path, data: PretrainData | None = None) -> None:
-        self.cfg = cfg
-        self.run_dir = Path(run_dir)
-        self.dist, self.device = setup_runtime(cfg.run)
+        self._open(cfg, run_dir)
         # The split first, before the model and the data scan (auto: the ranks' split; what fits is measured later).
         self.batch_plan = self._configured_plan()
 

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from operator import attrgetter
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from extrema.batching import BatchPlan, plan_batch, plan_batch_on_device
 from extrema.engine.base import FitResult, StopRequested
 from extrema.engine.checkpointed import CheckpointedRun
 from extrema.engine.logbook import Logbook, mean_over_ranks
+from extrema.engine.runtime import setup_runtime
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,13 @@ class RunLoop(CheckpointedRun):
     optimizer: torch.optim.Optimizer
     batch_keys = ("batch_size", "accum_steps")
     """Where `cfg` keeps the global batch and its accumulation (dotted paths), named so in errors."""
+
+    def _open(self, cfg: Any, run_dir: str | Path) -> None:
+        """Take the task's config and run folder (created) and set this process up: rank info, device, threads."""
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.dist, self.device = setup_runtime(cfg.run)
 
     # ---- the batch split ------------------------------------------------------------------------------------
     def _configured_plan(self) -> BatchPlan:
