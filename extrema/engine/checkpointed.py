@@ -9,6 +9,7 @@ with `TrainingDiverged` and leaves its good checkpoints alone.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -18,7 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from extrema.checkpoint import CheckpointManager, read_checkpoint
+from extrema.batching import BatchPlan
+from extrema.checkpoint import FORMAT, CheckpointManager, read_checkpoint
 from extrema.config import RunConfig
 from extrema.distributed import DistInfo, is_distributed
 from extrema.engine.base import CHECKPOINT_DIR, StopRequested
@@ -34,8 +36,9 @@ def run_checkpoints(run_dir: Path, run: RunConfig) -> CheckpointManager:
 
 
 class CheckpointedRun:
-    """Mixin for the trainers. The trainer sets `run_dir`, `ckpts`, `dist`, `device`, `step`, `total_steps`
-    and `wall_time`, and defines `state_dict()` / `load_state_dict()`; `task` names it in log lines."""
+    """Mixin for the trainers. The trainer sets `run_dir`, `ckpts`, `dist`, `device`, `step`, `total_steps`,
+    `steps_per_epoch`, `wall_time` (and `batch_plan`), and defines `state_dict()` (starting from `state_header`)
+    and `load_state_dict()`; `task` names it in log lines."""
 
     task = "run"
     run_dir: Path
@@ -45,6 +48,9 @@ class CheckpointedRun:
     step: int
     total_steps: int
     wall_time: float
+    steps_per_epoch: int
+    batch_plan: BatchPlan
+    """How the global batch is split over ranks and micro-steps (not set by the fast probe)."""
     guard: DivergenceGuard | None = None
     """Set by trainers whose loss can diverge (pretraining, finetune); they also have `model`."""
     cfg: Any
@@ -57,6 +63,21 @@ class CheckpointedRun:
 
     def load_state_dict(self, state: dict) -> None:
         raise NotImplementedError
+
+    def state_header(self, kind: str, with_batch: bool = True) -> dict:
+        """The keys every checkpoint of a run holds, written here once: its format and kind, the config, where
+        the run stands (step, epoch, wall time) and, `with_batch`, the split of the batch it was saved under."""
+        header = {
+            "format": FORMAT,
+            "kind": kind,
+            "config": dataclasses.asdict(self.cfg),
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "wall_time_s": self.wall_time,
+        }
+        if with_batch:
+            header.update(world_size=self.dist.world_size, batch=self.batch_plan.as_dict())
+        return header
 
     def save_checkpoint(self) -> Path:
         """Write the full state as the checkpoint of the current step (all ranks call; rank 0 writes)."""

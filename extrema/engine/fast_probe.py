@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from extrema.checkpoint import FORMAT, CheckpointError
+from extrema.checkpoint import CheckpointError
 from extrema.config.evaluation import FastProbeConfig
 from extrema.data import ImageFolderDataset, OneViewPerImage, make_eval_transform
 from extrema.distributed import all_reduce_sum
@@ -389,12 +389,7 @@ class FastProbeTrainer(EvaluationRun):
     def state_dict(self) -> dict:
         """The grid, its momentum buffers and the step (batches are a function of seed and step)."""
         return {
-            "format": FORMAT,
-            "kind": PROTOCOL,
-            "config": dataclasses.asdict(self.cfg),
-            "step": self.step,
-            "epoch": self.step // self.steps_per_epoch,
-            "wall_time_s": self.wall_time,
+            **self.state_header(PROTOCOL, with_batch=False),  # no batch plan: each rank takes its rows of a batch
             "timing": dict(self.timing),
             "weights": self.weights.as_dict(),
             "backbone_sha256": self.backbone_digest,

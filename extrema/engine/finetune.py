@@ -18,7 +18,6 @@ schedule act once per optimizer step, and `step` (logs, checks, checkpoints) cou
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from extrema.batching import gradient_sync, split_batch
-from extrema.checkpoint import FORMAT, CheckpointError
+from extrema.checkpoint import CheckpointError
 from extrema.config.evaluation import FinetuneConfig
 from extrema.data import IMAGENET_MEAN, IMAGENET_STD
 from extrema.data.randaugment import keep_zero_bit_posterize
@@ -320,15 +319,8 @@ class FinetuneTrainer(EvaluationRun):
         """Model (loadable as a finetune init), EMA, optimizer, scaler, loader position, every rank's RNGs."""
         per_rank = self._gather_rng(capture_rng_state())
         return {
-            "format": FORMAT,
-            "kind": PROTOCOL,
+            **self.state_header(PROTOCOL),
             "arch": self.cfg.model.arch,
-            "config": dataclasses.asdict(self.cfg),
-            "step": self.step,
-            "epoch": self.step // self.steps_per_epoch,
-            "world_size": self.dist.world_size,
-            "batch": self.batch_plan.as_dict(),
-            "wall_time_s": self.wall_time,
             "weights": self.weights.as_dict(),
             "classes": list(self.splits.classes),
             "model": self.model.state_dict(),

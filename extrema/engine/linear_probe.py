@@ -16,7 +16,6 @@ backbone's activation memory shrinks, which is what the micro-batches are for.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from extrema.batching import split_batch
-from extrema.checkpoint import FORMAT, CheckpointError
+from extrema.checkpoint import CheckpointError
 from extrema.config.evaluation import LinearProbeConfig
 from extrema.data import make_eval_transform
 from extrema.distributed import is_distributed
@@ -198,14 +197,7 @@ class LinearProbeTrainer(EvaluationRun):
         """Head, optimizer, step, loader position and RNG streams (the frozen backbone is only fingerprinted)."""
         per_rank = self._gather_rng(capture_rng_state())
         return {
-            "format": FORMAT,
-            "kind": PROTOCOL,
-            "config": dataclasses.asdict(self.cfg),
-            "step": self.step,
-            "epoch": self.step // self.steps_per_epoch,
-            "world_size": self.dist.world_size,
-            "batch": self.batch_plan.as_dict(),
-            "wall_time_s": self.wall_time,
+            **self.state_header(PROTOCOL),
             "weights": self.weights.as_dict(),
             "backbone_sha256": self.backbone_digest,
             "head": self.head.state_dict(),

@@ -7,7 +7,6 @@ rank).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from extrema.batching import gradient_sync, split_batch
-from extrema.checkpoint import FORMAT, CheckpointError, export_backbone, read_checkpoint
+from extrema.checkpoint import CheckpointError, export_backbone, read_checkpoint
 from extrema.checkpoint import model_state as checkpoint_model_state
 from extrema.config import PretrainConfig
 from extrema.data import ResumableLoader
@@ -270,16 +269,9 @@ class PretrainTrainer(RunLoop):
         }
         per_rank = self._gather_rng(rng)
         return {
-            "format": FORMAT,
-            "kind": "pretrain",
+            **self.state_header("pretrain"),
             "arch": self.cfg.model.arch,
             "model_args": model_args(self.cfg),
-            "config": dataclasses.asdict(self.cfg),
-            "step": self.step,
-            "epoch": int(self.epoch_float),
-            "world_size": self.dist.world_size,
-            "batch": self.batch_plan.as_dict(),
-            "wall_time_s": self.wall_time,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
