@@ -103,7 +103,7 @@ def measure_probes(payload: dict) -> dict:
         ex_times = _timed(extract, warmup, repeats, device)
         # The grid as it would be for ImageNet: every head maps D -> 1000 classes.
         fast.grid = HeadGrid(fast.dim, num_classes, fast.specs, torch.Generator().manual_seed(0)).to(device)
-        fast.optimizer = GridSGD(fast.grid, fast.cfg.momentum)
+        fast.optimizer = GridSGD(fast.grid, fast.cfg.momentum, fast.optimizer.param_groups[0]["lr_scale"])
         features = torch.randn(head_batch, fast.dim, generator=gen).to(device)
         head_times = _timed(lambda: fast.head_step(features, labels[:head_batch]), warmup, repeats, device)
         bank = torch.randn(bank_rows, fast.dim, generator=gen).to(device)

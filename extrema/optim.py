@@ -1,9 +1,16 @@
-"""AdamW parameter groups (no decay for 1-D parameters, biases, [cls] and positions) and per-step updates."""
+"""AdamW parameter groups (no decay for 1-D parameters, biases, [cls] and positions) and the per-step lr and wd."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+from extrema.schedules import LrSchedule
+
+if TYPE_CHECKING:
+    from extrema.engine.head_grid import GridSGD
 
 
 def decay_groups(model: nn.Module, weight_decay: float, skip: set[str] = frozenset()) -> list[dict]:
@@ -46,9 +53,13 @@ def fused_adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: 
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
 
 
-def set_lr_and_wd(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
-    """Write this step's lr into every group and the weight decay into the decayed groups."""
+def apply_schedule(optimizer: torch.optim.Optimizer | GridSGD, schedule: LrSchedule, step: int) -> float:
+    """Write the lr of `step` into every group, times the group's `lr_scale` (finetune's layer decay, the fast
+    probe's per-head lrs), and the weight decay, where the schedule has one, into the decayed groups. The one
+    place any task's lr or weight decay changes; returns the step's unscaled lr."""
+    lr, weight_decay = schedule.lr(step), schedule.weight_decay_at(step)
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
-        if group.get("apply_decay", True):
+        if weight_decay is not None and group.get("apply_decay", True):
             group["weight_decay"] = weight_decay
+    return lr

@@ -72,13 +72,12 @@ def test_one_grid_step_equals_independent_sgd_per_head():
         bn = torch.nn.BatchNorm1d(6, affine=False, eps=1e-5)  # the reference head's eps
         head = torch.nn.Sequential(bn, linear) if spec.batchnorm else torch.nn.Sequential(linear)
         singles.append((head, torch.optim.SGD(head.parameters(), lr=spec.base_lr, momentum=0.9)))
-    opt = GridSGD(grid, momentum=0.9)
-    lrs = torch.tensor([s.base_lr for s in specs])
+    opt = GridSGD(grid, momentum=0.9, head_lrs=torch.tensor([s.base_lr for s in specs]))
     for step in range(3):
         x, y = torch.randn(8, 6, generator=torch.Generator().manual_seed(step)), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
         opt.zero_grad()
         grid_loss(grid(x), y).backward()
-        opt.step(lrs)
+        opt.step()
         for head, sgd in singles:
             sgd.zero_grad()
             torch.nn.functional.cross_entropy(head(x), y).backward()

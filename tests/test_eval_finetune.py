@@ -17,6 +17,7 @@ from timm.loss import SoftTargetCrossEntropy
 
 from extrema.checkpoint import CheckpointError, read_checkpoint
 from extrema.engine.finetune import FinetuneTrainer
+from extrema.optim import apply_schedule
 from tests.eval_runs import NUM_CLASSES, finetune_config, write_dataset, write_pretrain_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +47,7 @@ def test_layer_decay_groups_carry_the_formula_lr(data, tmp_path):
     warmup, total = 2 * spe, 10 * spe
     group_of = {id(p): g for g in trainer.optimizer.param_groups for p in g["params"]}
     for step in (3, warmup + 5, total - 1):
-        trainer.scheduler.step_update(step)
+        apply_schedule(trainer.optimizer, trainer.lr_schedule, step)
         if step < warmup:
             base = peak * step / warmup
         else:

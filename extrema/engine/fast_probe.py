@@ -57,9 +57,10 @@ from extrema.engine.knn import KNN_CHUNK, normalized_bank, sharded_knn_neighbour
 from extrema.engine.logbook import Logbook
 from extrema.models.frozen import FrozenFeatures
 from extrema.models.head_grid import HeadGrid, HeadSpec, grid_specs
+from extrema.optim import apply_schedule
 from extrema.precision import autocast
 from extrema.rng import seed_everything
-from extrema.schedules import scaled_lr, warmup_cosine
+from extrema.schedules import LrSchedule, scaled_lr
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +127,8 @@ class FastProbeTrainer(EvaluationRun):
         self.protocol_index = self.specs.index(HeadSpec(cfg.protocol_lr, True))
         self.grid = HeadGrid(self.dim, self.num_classes, self.specs, torch.Generator().manual_seed(cfg.run.seed))
         self.grid.to(self.device)
-        self.optimizer = GridSGD(self.grid, cfg.momentum)
-        self.peak_lrs = torch.tensor([scaled_lr(s.base_lr, cfg.batch_size) for s in self.specs], device=self.device)
+        peak_lrs = torch.tensor([scaled_lr(s.base_lr, cfg.batch_size) for s in self.specs], device=self.device)
+        self.optimizer = GridSGD(self.grid, cfg.momentum, peak_lrs)
 
         self.fit_rows, self.holdout_rows = holdout_split(len(self.splits.train), cfg.holdout_fraction, cfg.run.seed)
         self.train_bounds = shard_bounds(len(self.splits.train), self.dist.rank, self.dist.world_size)
@@ -140,6 +141,8 @@ class FastProbeTrainer(EvaluationRun):
             )
         schedule_steps = cfg.epochs * self.steps_per_epoch
         self.total_steps = run_length(schedule_steps, cfg.run.max_steps)
+        # The linear probe's schedule as a factor of each head's peak lr (the optimizer's per-head lr_scale).
+        self.lr_schedule = LrSchedule.in_epochs(self.steps_per_epoch, cfg.epochs, cfg.warmup_epochs, peak_lr=1.0)
         self.step = 0
         self.wall_time = 0.0
         self.timing: dict[str, float] = {}
@@ -187,15 +190,10 @@ class FastProbeTrainer(EvaluationRun):
         return True
 
     # ---- stage 2: the head grid ----------------------------------------------------------------------------
-    def lr_factor(self, step: int) -> float:
-        """Warm-up + cosine multiplier of every head's peak lr at `step`."""
-        c = self.cfg
-        return warmup_cosine(step / self.steps_per_epoch, c.epochs, c.warmup_epochs, 1.0, 0.0)
-
     def head_step(self, features: torch.Tensor, labels: torch.Tensor, batch_rows: int | None = None) -> dict:
         """One SGD step of every head: features (b, D), labels (b,) are this rank's rows of a global batch of
         `batch_rows` rows (all of it, b, by default); a collective when distributed."""
-        factor = self.lr_factor(self.step)
+        factor = apply_schedule(self.optimizer, self.lr_schedule, self.step)
         self.grid.train()
         loss = grid_loss(self.grid(features.float()), labels, batch_rows)
         self.optimizer.zero_grad()
@@ -203,7 +201,7 @@ class FastProbeTrainer(EvaluationRun):
         loss = loss.detach().reshape(1)
         # One all-reduce: each rank's grads hold its rows' share of the global mean, their sum is the whole.
         sum_over_ranks_([self.grid.weight.grad, self.grid.bias.grad, loss])
-        self.optimizer.step(self.peak_lrs * factor)
+        self.optimizer.step()
         self.step += 1
         return {"loss": loss[0] / len(self.specs), "lr_factor": factor}
 

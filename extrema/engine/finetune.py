@@ -25,7 +25,6 @@ import torch
 from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
-from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -52,10 +51,10 @@ from extrema.engine.eval_data import open_splits, sum_over_ranks, train_loader, 
 from extrema.engine.evaluation_run import EvaluationRun
 from extrema.engine.logbook import Logbook
 from extrema.models.classifier import FINETUNE_DROPPED_KEYS, FINETUNE_NEW_KEYS, FinetuneViT
-from extrema.optim import fused_adamw
+from extrema.optim import apply_schedule, fused_adamw
 from extrema.precision import autocast, make_scaler
 from extrema.rng import capture_rng_state, restore_rng_state, seed_everything
-from extrema.schedules import scaled_lr
+from extrema.schedules import LrSchedule, scaled_lr
 
 log = logging.getLogger(__name__)
 
@@ -167,16 +166,10 @@ class FinetuneTrainer(EvaluationRun):
         self.steps_per_epoch = self.loader.steps_per_epoch
         schedule_steps = cfg.epochs * self.steps_per_epoch
         self.total_steps = run_length(schedule_steps, cfg.run.max_steps)
-        warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
-        # Per-step schedule (t = optimizer step); timm applies each group's layer-decay lr_scale.
-        self.scheduler = CosineLRScheduler(
-            self.optimizer,
-            t_initial=max(schedule_steps - warmup_steps, 1),
-            lr_min=cfg.min_lr,
-            warmup_t=warmup_steps,
-            warmup_lr_init=0.0,
-            warmup_prefix=True,
-            t_in_epochs=False,
+        # Per optimizer step, times each group's layer-decay lr_scale; the groups keep their own weight decay. The
+        # warm-up is a whole number of steps, as the reference's (BEiT's) per-iteration schedule has it.
+        self.lr_schedule = LrSchedule(
+            schedule_steps, round(cfg.warmup_epochs * self.steps_per_epoch), peak_lr=self.peak_lr, min_lr=cfg.min_lr
         )
         self.step = 0
         self.wall_time = 0.0
@@ -217,7 +210,7 @@ class FinetuneTrainer(EvaluationRun):
         drops: (B, depth, 2) per-image stochastic-depth draws (the loader's "draws"); None = timm's DropPath
         draws from the global RNG, per micro-batch.
         """
-        self.scheduler.step_update(self.step)
+        apply_schedule(self.optimizer, self.lr_schedule, self.step)
         images = images.to(self.device, non_blocking=True)
         # The whole rank's batch is mixed before the split: the pairs and lambda are those without accumulation.
         images, targets = self.mix(images, labels.to(self.device, non_blocking=True))

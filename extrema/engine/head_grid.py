@@ -28,17 +28,24 @@ def with_protocol_head(specs: Sequence[HeadSpec], lr: float) -> list[HeadSpec]:
 
 
 class GridSGD:
-    """SGD with momentum over a HeadGrid with one lr per head (state: the momentum buffers)."""
+    """SGD with momentum over a HeadGrid with one lr per head (state: the momentum buffers).
 
-    def __init__(self, grid: HeadGrid, momentum: float) -> None:
+    Its one param group holds the heads' peak lrs (H,) as `lr_scale`, so the schedule of every task
+    (`extrema.optim.apply_schedule`) sets this step's lr of each head, scale x the step's lr, as it sets the
+    layer-decayed lrs of a finetune.
+    """
+
+    def __init__(self, grid: HeadGrid, momentum: float, head_lrs: torch.Tensor) -> None:
         self.grid = grid
         self.momentum = momentum
         self.params = [grid.weight, grid.bias]
         self.buffers = [torch.zeros_like(p) for p in self.params]
+        self.param_groups = [{"params": self.params, "lr": head_lrs.clone(), "lr_scale": head_lrs}]
 
     @torch.no_grad()
-    def step(self, lrs: torch.Tensor) -> None:
-        """Apply one update; lrs: (H,) this step's lr of each head."""
+    def step(self) -> None:
+        """Apply one update at the group's lr: (H,) this step's lr of each head."""
+        lrs = self.param_groups[0]["lr"]
         for p, buf in zip(self.params, self.buffers, strict=True):
             buf.mul_(self.momentum).add_(p.grad)
             p.sub_(lrs.view(-1, *([1] * (p.dim() - 1))) * buf)

@@ -41,9 +41,10 @@ from extrema.engine.evaluation_run import EvaluationRun
 from extrema.engine.logbook import Logbook
 from extrema.models.frozen import FrozenFeatures
 from extrema.models.probe_head import PROBE_BN_EPS, build_probe_head
+from extrema.optim import apply_schedule
 from extrema.precision import autocast
 from extrema.rng import capture_rng_state, restore_rng_state, seed_everything
-from extrema.schedules import scaled_lr, warmup_cosine
+from extrema.schedules import LrSchedule, scaled_lr
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,11 @@ class LinearProbeTrainer(EvaluationRun):
         self.steps_per_epoch = self.loader.steps_per_epoch
         schedule_steps = cfg.epochs * self.steps_per_epoch
         self.total_steps = run_length(schedule_steps, cfg.run.max_steps)
+        # Per-step warm-up + cosine of the peak lr (the reference adjusts the lr every iteration); the SGD's
+        # weight decay stays the configured constant.
+        self.lr_schedule = LrSchedule.in_epochs(
+            self.steps_per_epoch, cfg.epochs, cfg.warmup_epochs, peak_lr=self.peak_lr, min_lr=cfg.min_lr
+        )
         self.step = 0
         self.wall_time = 0.0
         self.ckpts = run_checkpoints(self.run_dir, cfg.run)
@@ -94,11 +100,6 @@ class LinearProbeTrainer(EvaluationRun):
         self.extract(torch.zeros(micro_batch, 3, size, size, device=self.device))
 
     # ---- one step ---------------------------------------------------------------------------------------
-    def lr_at(self, step: int) -> float:
-        """Per-step warm-up + cosine of the peak lr (the reference adjusts the lr every iteration)."""
-        c = self.cfg
-        return warmup_cosine(step / self.steps_per_epoch, c.epochs, c.warmup_epochs, self.peak_lr, c.min_lr)
-
     def extract(self, images: torch.Tensor) -> torch.Tensor:
         """Frozen features (B, D) float32 of a batch of images (B, 3, H, W)."""
         with autocast(self.cfg.run.precision, self.device):
@@ -117,9 +118,7 @@ class LinearProbeTrainer(EvaluationRun):
 
     def head_step(self, features: torch.Tensor, labels: torch.Tensor) -> dict:
         """One SGD step of the head on features (B, D) at the current step's lr."""
-        lr = self.lr_at(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = apply_schedule(self.optimizer, self.lr_schedule, self.step)
         self.net.train()
         loss = nn.functional.cross_entropy(self.net(features), labels)
         self.optimizer.zero_grad(set_to_none=True)

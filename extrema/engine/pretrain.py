@@ -30,10 +30,10 @@ from extrema.engine.run_loop import RunLoop
 from extrema.engine.summary import write_json
 from extrema.masking import sample_masks
 from extrema.models.siamese import ExtremaModel, create_model
-from extrema.optim import build_adamw, set_lr_and_wd
+from extrema.optim import apply_schedule, build_adamw
 from extrema.precision import autocast, make_scaler
 from extrema.rng import capture_rng_state, restore_generator, restore_rng_state, seed_everything
-from extrema.schedules import cosine, ema_momentum, scaled_lr, warmup_cosine
+from extrema.schedules import LrSchedule, ema_momentum, scaled_lr
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,16 @@ class PretrainTrainer(RunLoop):
         schedule_steps = cfg.optim.epochs * self.steps_per_epoch
         self.total_steps = run_length(schedule_steps, cfg.run.max_steps)
         self.peak_lr = scaled_lr(cfg.optim.base_lr, cfg.optim.batch_size)
+        o = cfg.optim  # AdamW's lr: warm-up + cosine of the scaled peak; its weight decay: a cosine
+        self.lr_schedule = LrSchedule.in_epochs(
+            self.steps_per_epoch,
+            o.epochs,
+            o.warmup_epochs,
+            peak_lr=self.peak_lr,
+            min_lr=o.min_lr,
+            weight_decay=o.weight_decay,
+            weight_decay_end=o.weight_decay_end,
+        )
 
         self.optimizer = build_adamw(
             self.model,
@@ -131,17 +141,10 @@ class PretrainTrainer(RunLoop):
     def epoch_float(self) -> float:
         return self.step / self.steps_per_epoch
 
-    def schedule(self, step: int) -> dict:
-        """lr, weight decay and EMA momentum at a step (EMA: for the update that follows this step)."""
-        o = self.cfg.optim
-        epoch = step / self.steps_per_epoch
-        return {
-            "lr": warmup_cosine(epoch, o.epochs, o.warmup_epochs, self.peak_lr, o.min_lr),
-            "weight_decay": cosine(epoch, o.epochs, o.weight_decay, o.weight_decay_end),
-            # The reference updates the teacher before step t+1's forward with m(t+1); doing it right
-            # after step t with the same m is identical.
-            "momentum": ema_momentum((step + 1) / self.steps_per_epoch, o.epochs, self.cfg.momentum),
-        }
+    def ema_momentum(self, step: int) -> float:
+        """The teacher's EMA momentum for the update that follows `step`. The reference updates the teacher before
+        step t+1's forward with m(t+1); doing it right after step t with the same m is identical."""
+        return ema_momentum((step + 1) / self.steps_per_epoch, self.cfg.optim.epochs, self.cfg.momentum)
 
     # ---- one step ---------------------------------------------------------------------------------
     def train_step(
@@ -157,8 +160,7 @@ class PretrainTrainer(RunLoop):
         keep: (M, B, k) kept-token indices; drawn from the trainer's mask generator when not given.
         drops: (M, B, depth, 2) stochastic-depth draws; None = timm's DropPath draws (per micro-batch).
         """
-        sched = self.schedule(self.step)
-        set_lr_and_wd(self.optimizer, sched["lr"], sched["weight_decay"])
+        lr = apply_schedule(self.optimizer, self.lr_schedule, self.step)
         if keep is None:
             keep = self._draw_masks(student_view.shape[0])
         self.net.train()
@@ -186,9 +188,15 @@ class PretrainTrainer(RunLoop):
             grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         self.scaler.step(self.optimizer)
         self.guard.update_scaler(self.scaler)  # scaler.update(), counting the steps fp16 skipped
-        self.model.update_teacher(sched["momentum"])
+        momentum = self.ema_momentum(self.step)
+        self.model.update_teacher(momentum)
+        metrics = {
+            "loss": torch.stack(losses).mean(),
+            "lr": lr,
+            "weight_decay": self.lr_schedule.weight_decay_at(self.step),
+            "momentum": momentum,
+        }
         self.step += 1
-        metrics = {"loss": torch.stack(losses).mean(), **sched}
         if grad_norm is not None:
             metrics["grad_norm"] = grad_norm.detach()
         # Collapse check: spread of the normalised teacher embeddings across the rank's images (0 = collapsed).
