@@ -61,31 +61,27 @@ class RunLoop(CheckpointedRun):
     def _configured_plan(self) -> BatchPlan:
         """The split as configured (auto accumulation: by run.max_micro_batch, else one step for now): an
         impossible split fails here, before any weights or data are read."""
-        batch_key, accum_key = self.batch_keys
-        return plan_batch(
-            attrgetter(batch_key)(self.cfg),
-            self.dist.world_size,
-            attrgetter(accum_key)(self.cfg),
-            max_micro_batch=self.cfg.run.max_micro_batch,
-            batch_key=batch_key,
-            accum_key=accum_key,
-        )
+        return plan_batch(**self._split_request())
 
     def _measured_plan(self) -> BatchPlan:
         """The split to train with: for accum_steps=auto on a GPU without run.max_micro_batch, the fewest micro-steps
         whose `_trial_step` fits (the same on every rank). Needs the trainer's `optimizer`."""
-        batch_key, accum_key = self.batch_keys
         return plan_batch_on_device(
-            attrgetter(batch_key)(self.cfg),
-            self.dist.world_size,
-            attrgetter(accum_key)(self.cfg),
-            max_micro_batch=self.cfg.run.max_micro_batch,
-            device=self.device,
-            trial_step=self._trial_step,
-            optimizer=self.optimizer,
-            batch_key=batch_key,
-            accum_key=accum_key,
+            **self._split_request(), device=self.device, trial_step=self._trial_step, optimizer=self.optimizer
         )
+
+    def _split_request(self) -> dict:
+        """What both planners take: the global batch, ranks, accum_steps, max_micro_batch and the config keys their
+        error messages name."""
+        batch_key, accum_key = self.batch_keys
+        return {
+            "global_batch": attrgetter(batch_key)(self.cfg),
+            "world_size": self.dist.world_size,
+            "accum_steps": attrgetter(accum_key)(self.cfg),
+            "max_micro_batch": self.cfg.run.max_micro_batch,
+            "batch_key": batch_key,
+            "accum_key": accum_key,
+        }
 
     def _trial_step(self, micro_batch: int) -> None:
         """Forward + backward of `micro_batch` blank images that leaves no gradient, state or random draw behind."""
