@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from extrema.engine.pretrain_data import pretrain_total_steps
 from jobs.manifest import Manifest
 from launch.config.compose import ConfigError, load_launch_config
 from launch.planning.experiment import ExperimentConflict
-from launch.planning.milestones import milestone_steps, parse_milestone_job, pretrain_total_steps
+from launch.planning.milestones import milestone_steps, parse_milestone_job
 from launch.reporting.progress import read_final_metrics
 from launch.reporting.results import collate, to_markdown
 from launch.reporting.status import show_status
@@ -55,14 +56,18 @@ def test_milestone_settings_are_checked_when_typed(data: Path, tmp_path: Path) -
     assert not root.exists()
 
     # The schedule: epochs x full batches per rank, capped by run.max_steps.
-    assert pretrain_total_steps(cfg) == 8
-    assert pretrain_total_steps(load_launch_config(tiny_overrides(data, root, "pretrain.run.max_steps=5"))) == 5
+    assert pretrain_total_steps(cfg.pretrain) == 8
+    assert (
+        pretrain_total_steps(load_launch_config(tiny_overrides(data, root, "pretrain.run.max_steps=5")).pretrain) == 5
+    )
     two_ranks = load_launch_config(tiny_overrides(data, root, "cluster.nodes=2", "pretrain.optim.batch_size=12"))
-    assert pretrain_total_steps(two_ranks) == 2 * (16 // 6)  # 16 images per rank, 6 per rank-batch, last one dropped
+    assert pretrain_total_steps(two_ranks.pretrain) == 2 * (
+        16 // 6
+    )  # 16 images per rank, 6 per rank-batch, last one dropped
     # Full global batches of the 32 images whatever the ranks: 3 ranks hold 10 each, 4 per rank-batch, as 1 rank.
     for nodes in (1, 3):
         cfg_n = load_launch_config(tiny_overrides(data, root, f"cluster.nodes={nodes}", "pretrain.optim.batch_size=12"))
-        assert pretrain_total_steps(cfg_n) == 2 * (32 // 12)
+        assert pretrain_total_steps(cfg_n.pretrain) == 2 * (32 // 12)
     assert milestone_steps(2, 8) == [2, 4, 6] and milestone_steps(4, 8) == [4] and milestone_steps(8, 8) == []
     assert parse_milestone_job("fastprobe_step40") == ("fastprobe", 40)
     assert parse_milestone_job("fastprobe") is None and parse_milestone_job("pretrain_step4") is None

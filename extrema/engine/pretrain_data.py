@@ -18,8 +18,10 @@ from extrema.data import (
     split_root,
     to_views,
 )
+from extrema.data.filelist import load_or_scan
 from extrema.data.sample_draws import StudentDraws, mask_major
 from extrema.distributed import DistInfo, is_distributed
+from extrema.engine.base import run_length
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,13 @@ def steps_per_epoch(num_images: int, global_batch: int) -> int:
     """Optimizer steps in one pretraining epoch: full global batches only, whatever the number of ranks (each of
     W ranks gets num_images // W images and runs full per-rank batches of global_batch / W of them)."""
     return num_images // global_batch
+
+
+def pretrain_total_steps(cfg: PretrainConfig) -> int:
+    """Optimizer steps a pretraining run of `cfg` takes (its trainer's `total_steps`), on any number of ranks,
+    counted from the train folder's file list (scanned once and cached, as the job itself reads it)."""
+    files, _ = load_or_scan(split_root(cfg.data.root, "train"), cfg.data.cache_dir)
+    return run_length(cfg.optim.epochs * steps_per_epoch(len(files), cfg.optim.batch_size), cfg.run.max_steps)
 
 
 class PretrainData:

@@ -34,19 +34,6 @@ def parse_milestone_job(name: str) -> tuple[str, int] | None:
     return (match.group(1), int(match.group(2))) if match else None
 
 
-def pretrain_total_steps(cfg: LaunchConfig) -> int:
-    """Optimizer steps the pretraining job will run (the trainer's `total_steps`), on any number of ranks."""
-    from extrema.data import split_root
-    from extrema.data.filelist import load_or_scan
-    from extrema.engine.base import run_length
-    from extrema.engine.pretrain_data import steps_per_epoch
-
-    p = cfg.pretrain
-    files, _ = load_or_scan(split_root(p.data.root, "train"), p.data.cache_dir)
-    # extrema's own count, so that the milestones follow the sampler if its arithmetic ever changes.
-    return run_length(p.optim.epochs * steps_per_epoch(len(files), p.optim.batch_size), p.run.max_steps)
-
-
 def milestone_steps(every: int, total_steps: int) -> list[int]:
     """Multiples of `every` below `total_steps`."""
     return list(range(every, total_steps, every))
@@ -57,12 +44,13 @@ def milestone_evaluations(cfg: LaunchConfig, exp: Experiment) -> list[JobNode]:
     when `pipeline.eval_every_steps` is set)."""
     from extrema.checkpoint import CheckpointManager
     from extrema.engine.base import CHECKPOINT_DIR
+    from extrema.engine.pretrain_data import pretrain_total_steps
 
     every = cfg.pipeline.eval_every_steps
     checkpoints = CheckpointManager(exp.run_dir("pretrain") / CHECKPOINT_DIR)
     c = cfg.cluster
     nodes = []
-    for step in milestone_steps(every, pretrain_total_steps(cfg)):
+    for step in milestone_steps(every, pretrain_total_steps(cfg.pretrain)):
         for task in cfg.pipeline.milestone_evaluations:
             task_cfg = dataclasses.replace(cfg.task_config(task), checkpoint=str(checkpoints.path_for(step)))
             name = milestone_job_name(task, step)
