@@ -7,6 +7,7 @@ rank).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -40,19 +41,8 @@ log = logging.getLogger(__name__)
 
 def model_args(cfg: PretrainConfig) -> dict:
     """Keyword arguments of `create_model` for this config (stored in checkpoints)."""
-    m = cfg.model
-    return {
-        "arch": m.arch,
-        "img_size": m.img_size,
-        "patch_size": m.patch_size,
-        "drop_path_rate": m.drop_path_rate,
-        "layer_scale_init": m.layer_scale_init,
-        "class_attention_layers": m.class_attention_layers,
-        "proj_dim": m.proj_dim,
-        "mlp_dim": m.mlp_dim,
-        "loss": cfg.loss,
-        "temperature": cfg.temperature,
-    }
+    # Every ModelConfig field is an argument of create_model (the encoder's name and geometry, the heads' widths).
+    return {**dataclasses.asdict(cfg.model), "loss": cfg.loss, "temperature": cfg.temperature}
 
 
 def initial_model(cfg: PretrainConfig) -> ExtremaModel:

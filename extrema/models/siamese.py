@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -88,23 +89,15 @@ class ExtremaModel(nn.Module):
 def create_model(
     arch: str = "vit_base",
     *,
-    img_size: int = 224,
-    patch_size: int = 16,
     drop_path_rate: float = 0.1,
-    layer_scale_init: float = 0.1,
-    class_attention_layers: int = 2,
     proj_dim: int = 256,
     mlp_dim: int = 4096,
     loss: str = "byol",
     temperature: float = CONTRAST_TEMPERATURE,
+    **geometry: Any,
 ) -> ExtremaModel:
-    """Build the siamese model for a named encoder size."""
-    encoder = create_encoder(
-        arch,
-        img_size=img_size,
-        patch_size=patch_size,
-        drop_path_rate=drop_path_rate,
-        layer_scale_init=layer_scale_init,
-        class_attention_layers=class_attention_layers,
-    )
+    """Build the siamese model for a named encoder size. `geometry` goes to the encoder as it is (img_size,
+    patch_size, layer_scale_init, class_attention_layers: `ExtremaViT` holds their defaults); the student drops
+    paths at the pretraining default unless told otherwise."""
+    encoder = create_encoder(arch, drop_path_rate=drop_path_rate, **geometry)
     return ExtremaModel(encoder, proj_dim=proj_dim, mlp_dim=mlp_dim, loss=loss, temperature=temperature)
