@@ -95,6 +95,7 @@ class FastProbeTrainer(EvaluationRun):
 
     task = "fast probe"
     protocol = PROTOCOL
+    batch_keys = None  # no batch split: each rank takes its rows of every global batch of cached features
 
     def __init__(self, cfg: FastProbeConfig, run_dir: str | Path) -> None:
         self._open(cfg, run_dir)

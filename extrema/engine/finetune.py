@@ -122,8 +122,7 @@ class FinetuneTrainer(EvaluationRun):
     protocol = PROTOCOL
 
     def __init__(self, cfg: FinetuneConfig, run_dir: str | Path) -> None:
-        self._open(cfg, run_dir)
-        self.batch_plan = self._configured_plan()  # an impossible split fails here, before any weights are read
+        self._open(cfg, run_dir)  # the batch split first: an impossible one fails before any weights are read
         per_rank = self.batch_plan.per_rank
         if cfg.mixing and per_rank % 2:  # the micro-batches may be odd: Mixup sees the whole per-rank batch
             raise ValueError(f"Mixup/CutMix pair images within a batch: batch per rank {per_rank} must be even")

@@ -58,8 +58,7 @@ class LinearProbeTrainer(EvaluationRun):
     protocol = PROTOCOL
 
     def __init__(self, cfg: LinearProbeConfig, run_dir: str | Path) -> None:
-        self._open(cfg, run_dir)
-        self.batch_plan = self._configured_plan()  # an impossible split fails here, before any weights are read
+        self._open(cfg, run_dir)  # the batch split first: an impossible one fails before any weights are read
 
         seed_everything(cfg.run.seed)  # the same encoder init (baseline) and head init on every rank
         encoder = build_encoder(cfg.model, drop_path_rate=0.0)

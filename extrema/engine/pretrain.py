@@ -59,9 +59,7 @@ class PretrainTrainer(RunLoop):
     batch_keys = ("optim.batch_size", "optim.accum_steps")
 
     def __init__(self, cfg: PretrainConfig, run_dir: str | Path, data: PretrainData | None = None) -> None:
-        self._open(cfg, run_dir)
-        # The split first, before the model and the data scan (auto: the ranks' split; what fits is measured later).
-        self.batch_plan = self._configured_plan()
+        self._open(cfg, run_dir)  # the split first, before the model and the data scan
 
         self.model: ExtremaModel = initial_model(cfg).to(self.device)  # identical on every rank
         seed_everything(cfg.run.seed + self.dist.rank)  # then per-rank streams (drop-path, ...)

@@ -47,15 +47,20 @@ class RunLoop(CheckpointedRun):
     logbook: Logbook
     steps_per_epoch: int
     optimizer: torch.optim.Optimizer
-    batch_keys = ("batch_size", "accum_steps")
-    """Where `cfg` keeps the global batch and its accumulation (dotted paths), named so in errors."""
+    batch_keys: tuple[str, str] | None = ("batch_size", "accum_steps")
+    """Where `cfg` keeps the global batch and its accumulation (dotted paths), named so in errors; None for a
+    trainer without a batch split (the fast probe: each rank takes its rows of every batch)."""
 
     def _open(self, cfg: Any, run_dir: str | Path) -> None:
-        """Take the task's config and run folder (created) and set this process up: rank info, device, threads."""
+        """Take the task's config and run folder (created), set this process up (rank info, device, threads) and
+        plan the batch split as configured: an impossible split fails here, before any weights or data are read
+        (accum_steps=auto: the ranks' split; what fits is measured later, `_measured_plan`)."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.dist, self.device = setup_runtime(cfg.run)
+        if self.batch_keys is not None:
+            self.batch_plan = self._configured_plan()
 
     # ---- the batch split ------------------------------------------------------------------------------------
     def _configured_plan(self) -> BatchPlan:
