@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from extrema.config import RunConfig
 from extrema.distributed import DistInfo, is_distributed
 from extrema.engine.base import CHECKPOINT_DIR, StopRequested
 from extrema.engine.divergence import DivergenceGuard
+from extrema.engine.state_parts import Stateful, load_parts, save_parts
 from extrema.engine.stop_poll import StopPoll
 
 log = logging.getLogger(__name__)
@@ -36,9 +36,9 @@ def run_checkpoints(run_dir: Path, run: RunConfig) -> CheckpointManager:
 
 
 class CheckpointedRun:
-    """Mixin for the trainers. The trainer sets `run_dir`, `ckpts`, `dist`, `device`, `step`, `total_steps`,
-    `steps_per_epoch`, `wall_time` (and `batch_plan`), and defines `state_dict()` (starting from `state_header`)
-    and `load_state_dict()`; `task` names it in log lines."""
+    """Mixin for the trainers. What it needs is typed below; a trainer lists what its checkpoints hold in
+    `checkpoint_parts()`, and `state_dict()` / `load_state_dict()` here write and restore them; `task` names it in
+    log lines."""
 
     task = "run"
     run_dir: Path
@@ -50,7 +50,12 @@ class CheckpointedRun:
     wall_time: float
     steps_per_epoch: int
     batch_plan: BatchPlan
-    """How the global batch is split over ranks and micro-steps (not set by the fast probe)."""
+    """How the global batch is split over ranks and micro-steps (set when `batch_keys` is not None)."""
+    batch_keys: tuple[str, str] | None = ("batch_size", "accum_steps")
+    """Where `cfg` keeps the global batch and its accumulation (dotted paths), named so in errors; None for a
+    trainer without a batch split (the fast probe: each rank takes its rows of every batch)."""
+    checkpoint_kind: str
+    """The `kind` its checkpoints carry ("pretrain", or an evaluation's protocol)."""
     guard: DivergenceGuard | None = None
     """Set by trainers whose loss can diverge (pretraining, finetune); they also have `model`."""
     cfg: Any
@@ -58,24 +63,35 @@ class CheckpointedRun:
     stop_poll: StopPoll | None = None
     """How the ranks agree on a stop request; made at the first step boundary from `cfg.run.stop_check_s`."""
 
-    def state_dict(self) -> dict:
+    def checkpoint_parts(self) -> dict[str, Stateful]:
+        """What the checkpoint holds besides `state_header`: key -> part, in the order the parts must load."""
         raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """Everything an exact resume needs: the header, then each part's state under its key (call on every rank:
+        a part may gather the ranks' random streams)."""
+        return {**self.state_header(), **save_parts(self.checkpoint_parts())}
 
     def load_state_dict(self, state: dict) -> None:
-        raise NotImplementedError
+        """Restore a `state_dict()`: the counters first (a part may read them: pretraining re-seeds a mask stream
+        saved on another device type from the step), then each part in the trainer's order."""
+        self.step = int(state["step"])
+        self.wall_time = float(state.get("wall_time_s", 0.0))
+        load_parts(self.checkpoint_parts(), state)
 
-    def state_header(self, kind: str, with_batch: bool = True) -> dict:
+    def state_header(self) -> dict:
         """The keys every checkpoint of a run holds, written here once: its format and kind, the config, where
-        the run stands (step, epoch, wall time) and, `with_batch`, the split of the batch it was saved under."""
+        the run stands (step, epoch, wall time) and, for a trainer with a batch split, the ranks and the split it was
+        saved under."""
         header = {
             "format": FORMAT,
-            "kind": kind,
+            "kind": self.checkpoint_kind,
             "config": dataclasses.asdict(self.cfg),
             "step": self.step,
             "epoch": self.step // self.steps_per_epoch,
             "wall_time_s": self.wall_time,
         }
-        if with_batch:
+        if self.batch_keys is not None:
             header.update(world_size=self.dist.world_size, batch=self.batch_plan.as_dict())
         return header
 
@@ -135,24 +151,3 @@ class CheckpointedRun:
         now = time.perf_counter()
         self.wall_time += now - getattr(self, "_clock", now)
         self._clock = now
-
-    def _gather_rng(self, mine: Any) -> list:
-        """Every rank's random-stream state, in rank order (a collective: all ranks call it)."""
-        if not is_distributed():
-            return [mine]
-        per_rank: list = [None] * self.dist.world_size
-        dist.all_gather_object(per_rank, mine)
-        return per_rank
-
-    def _restore_rng(self, per_rank: list | None, restore: Callable[[Any], None]) -> None:
-        """Hand this rank's saved streams to `restore`; with another number of ranks, keep fresh seeds."""
-        per_rank = per_rank or []
-        if len(per_rank) == self.dist.world_size:
-            restore(per_rank[self.dist.rank])
-            return
-        log.warning(
-            "checkpoint written by %d ranks, this job has %d: weights and optimizer resume exactly, random "
-            "streams are re-seeded",
-            len(per_rank),
-            self.dist.world_size,
-        )

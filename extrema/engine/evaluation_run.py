@@ -26,6 +26,11 @@ class EvaluationRun(RunLoop):
     splits: Any
     weights: Any
 
+    @property
+    def checkpoint_kind(self) -> str:
+        """An evaluation's checkpoints carry its protocol as their kind."""
+        return self.protocol
+
     def _finished_metrics(self) -> dict | None:
         """The final metrics of a run that already finished at this step (a requeue reports, never redoes)."""
         path = self.run_dir / FINAL_METRICS

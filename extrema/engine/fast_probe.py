@@ -37,7 +37,6 @@ from pathlib import Path
 
 import torch
 
-from extrema.checkpoint import CheckpointError
 from extrema.config.evaluation import FastProbeConfig
 from extrema.data import ImageFolderDataset, OneViewPerImage, make_eval_transform
 from extrema.distributed import all_reduce_sum
@@ -55,6 +54,7 @@ from extrema.engine.feature_cache import FeatureCache, shard_bounds
 from extrema.engine.head_grid import GridSGD, grid_loss, grid_topk_correct, sum_over_ranks_, with_protocol_head
 from extrema.engine.knn import KNN_CHUNK, normalized_bank, sharded_knn_neighbours, vote
 from extrema.engine.logbook import Logbook
+from extrema.engine.state_parts import DictAttribute, Pinned, Record, Stateful
 from extrema.models.frozen import FrozenFeatures
 from extrema.models.head_grid import HeadGrid, HeadSpec, grid_specs
 from extrema.optim import apply_schedule
@@ -385,28 +385,22 @@ class FastProbeTrainer(EvaluationRun):
         return self._write_metrics(derived, results)
 
     # ---- state -----------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """The grid, its momentum buffers and the step (batches are a function of seed and step)."""
+    def checkpoint_parts(self) -> dict[str, Stateful]:
+        """The grid, its momentum buffers and the stage timings (batches are a function of seed and step); the
+        backbone and the grid's heads must be those the run started with, checked before anything is restored."""
         return {
-            **self.state_header(PROTOCOL, with_batch=False),  # no batch plan: each rank takes its rows of a batch
-            "timing": dict(self.timing),
-            "weights": self.weights.as_dict(),
-            "backbone_sha256": self.backbone_digest,
-            "specs": [dataclasses.asdict(s) for s in self.specs],
-            "grid": self.grid.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "timing": DictAttribute(self, "timing"),
+            "weights": Record(self.weights.as_dict()),
+            "backbone_sha256": Pinned(
+                self.backbone_digest,
+                lambda saved: (
+                    "this fast-probe run started on other backbone weights; use a new run folder for new weights"
+                ),
+            ),
+            "specs": Pinned(
+                [dataclasses.asdict(s) for s in self.specs],
+                lambda saved: "this fast-probe run trained another grid (lrs / batchnorm); use a new run folder",
+            ),
+            "grid": self.grid,
+            "optimizer": self.optimizer,
         }
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore a `state_dict()` taken with the same backbone and grid."""
-        if state.get("backbone_sha256") != self.backbone_digest:
-            raise CheckpointError(
-                "this fast-probe run started on other backbone weights; use a new run folder for new weights"
-            )
-        if state.get("specs") != [dataclasses.asdict(s) for s in self.specs]:
-            raise CheckpointError("this fast-probe run trained another grid (lrs / batchnorm); use a new run folder")
-        self.grid.load_state_dict(state["grid"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step = int(state["step"])
-        self.wall_time = float(state.get("wall_time_s", 0.0))
-        self.timing = dict(state.get("timing", {}))

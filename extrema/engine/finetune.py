@@ -50,6 +50,7 @@ from extrema.engine.eval_common import (
 from extrema.engine.eval_data import open_splits, sum_over_ranks, train_loader, val_batches
 from extrema.engine.evaluation_run import EvaluationRun
 from extrema.engine.logbook import Logbook
+from extrema.engine.state_parts import DictAttribute, OptionalPart, RankStreams, Record, Stateful
 from extrema.models.classifier import FINETUNE_DROPPED_KEYS, FINETUNE_NEW_KEYS, FinetuneViT
 from extrema.optim import apply_schedule, fused_adamw
 from extrema.precision import autocast, make_scaler
@@ -307,21 +308,21 @@ class FinetuneTrainer(EvaluationRun):
         return self._write_metrics(derived, results)
 
     # ---- state ------------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """Model (loadable as a finetune init), EMA, optimizer, scaler, loader position, every rank's RNGs."""
-        per_rank = self._gather_rng(capture_rng_state())
+    def checkpoint_parts(self) -> dict[str, Stateful]:
+        """Model (loadable as a finetune init), EMA, optimizer, scaler, loader position, best metrics, every rank's
+        RNGs. Weights before the optimizer (a model that does not fit fails on its keys, not on the optimizer's
+        shapes); the streams last, so that nothing restored after them can draw from them before the next step does."""
         return {
-            **self.state_header(PROTOCOL),
-            "arch": self.cfg.model.arch,
-            "weights": self.weights.as_dict(),
-            "classes": list(self.splits.classes),
-            "model": self.model.state_dict(),
-            "model_ema": self.ema.module.state_dict() if self.ema is not None else None,
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "loader": self.loader.state_dict(),
-            "best": dict(self.best),
-            "rng_per_rank": per_rank,
+            "arch": Record(self.cfg.model.arch),
+            "weights": Record(self.weights.as_dict()),
+            "classes": Record(list(self.splits.classes)),
+            "model": self.model,
+            "model_ema": OptionalPart(self.ema.module if self.ema is not None else None),
+            "optimizer": self.optimizer,
+            "scaler": OptionalPart(self.scaler),
+            "loader": self.loader,
+            "best": DictAttribute(self, "best"),
+            "rng_per_rank": RankStreams(self.dist, capture_rng_state, restore_rng_state),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -334,14 +335,4 @@ class FinetuneTrainer(EvaluationRun):
                 f"holds {'' if saved_train_pos else 'no '}position embedding; continue it with "
                 f"finetune.train_pos_embed={str(saved_train_pos).lower()}, or use a new run folder"
             )
-        self.model.load_state_dict(state["model"], strict=True)
-        if self.ema is not None and state.get("model_ema") is not None:
-            self.ema.module.load_state_dict(state["model_ema"], strict=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.loader.load_state_dict(state["loader"])
-        self.step = int(state["step"])
-        self.wall_time = float(state.get("wall_time_s", 0.0))
-        self.best = dict(state.get("best", {}))
-        self._restore_rng(state.get("rng_per_rank"), restore_rng_state)
+        super().load_state_dict(state)

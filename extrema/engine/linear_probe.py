@@ -24,7 +24,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from extrema.batching import split_batch
-from extrema.checkpoint import CheckpointError
 from extrema.config.evaluation import LinearProbeConfig
 from extrema.data import make_eval_transform
 from extrema.distributed import is_distributed
@@ -39,6 +38,7 @@ from extrema.engine.eval_common import (
 from extrema.engine.eval_data import open_splits, sum_over_ranks, train_loader, val_batches
 from extrema.engine.evaluation_run import EvaluationRun
 from extrema.engine.logbook import Logbook
+from extrema.engine.state_parts import Pinned, RankStreams, Record, Stateful
 from extrema.models.frozen import FrozenFeatures
 from extrema.models.probe_head import PROBE_BN_EPS, build_probe_head
 from extrema.optim import apply_schedule
@@ -191,29 +191,21 @@ class LinearProbeTrainer(EvaluationRun):
         }
 
     # ---- state -----------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """Head, optimizer, step, loader position and RNG streams (the frozen backbone is only fingerprinted)."""
-        per_rank = self._gather_rng(capture_rng_state())
+    def checkpoint_parts(self) -> dict[str, Stateful]:
+        """Head, optimizer, loader position and RNG streams (the frozen backbone is only fingerprinted). The
+        backbone's check comes before any part is restored; the streams come last, so that nothing restored after
+        them can draw from them before the next step does."""
         return {
-            **self.state_header(PROTOCOL),
-            "weights": self.weights.as_dict(),
-            "backbone_sha256": self.backbone_digest,
-            "head": self.head.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "loader": self.loader.state_dict(),
-            "rng_per_rank": per_rank,
+            "weights": Record(self.weights.as_dict()),
+            "backbone_sha256": Pinned(self.backbone_digest, self._other_backbone),
+            "head": self.head,
+            "optimizer": self.optimizer,
+            "loader": self.loader,
+            "rng_per_rank": RankStreams(self.dist, capture_rng_state, restore_rng_state),
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore a `state_dict()`; the backbone loaded from the config must be the one the run started with."""
-        if state.get("backbone_sha256") != self.backbone_digest:
-            raise CheckpointError(
-                f"this probe run started on other backbone weights (sha256 {str(state.get('backbone_sha256'))[:12]}, "
-                f"now {self.backbone_digest[:12]} from {self.cfg.checkpoint}); use a new run folder for new weights"
-            )
-        self.head.load_state_dict(state["head"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.loader.load_state_dict(state["loader"])
-        self.step = int(state["step"])
-        self.wall_time = float(state.get("wall_time_s", 0.0))
-        self._restore_rng(state.get("rng_per_rank"), restore_rng_state)
+    def _other_backbone(self, saved: str | None) -> str:
+        return (
+            f"this probe run started on other backbone weights (sha256 {str(saved)[:12]}, "
+            f"now {self.backbone_digest[:12]} from {self.cfg.checkpoint}); use a new run folder for new weights"
+        )

@@ -28,6 +28,7 @@ from extrema.engine.divergence import DivergenceGuard
 from extrema.engine.logbook import Logbook, mean_over_ranks, read_metrics_log
 from extrema.engine.pretrain_data import PretrainBatch, PretrainData
 from extrema.engine.run_loop import RunLoop
+from extrema.engine.state_parts import Functions, OptionalPart, RankStreams, Record, Stateful
 from extrema.engine.summary import write_json
 from extrema.masking import sample_masks
 from extrema.models.siamese import ExtremaModel, create_model
@@ -56,6 +57,7 @@ class PretrainTrainer(RunLoop):
     """ExtreMA pretraining on one process, or on every rank of a process group (DDP)."""
 
     task = "pretraining"
+    checkpoint_kind = "pretrain"
     batch_keys = ("optim.batch_size", "optim.accum_steps")
 
     def __init__(self, cfg: PretrainConfig, run_dir: str | Path, data: PretrainData | None = None) -> None:
@@ -255,40 +257,26 @@ class PretrainTrainer(RunLoop):
         return summary
 
     # ---- state -------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """Everything an exact resume needs (call on every rank: RNG states are gathered to all)."""
-        rng = {
+    def checkpoint_parts(self) -> dict[str, Stateful]:
+        """The model's recipe, then what an exact resume needs: weights before the optimizer (a checkpoint of another
+        architecture fails on its weights, with the architecture named, before the optimizer's shapes), and every
+        rank's random streams with its data position (see `_restore_streams`)."""
+        return {
+            "arch": Record(self.cfg.model.arch),
+            "model_args": Record(model_args(self.cfg)),
+            "model": Functions(self.model.state_dict, self._load_weights),
+            "optimizer": self.optimizer,
+            "scaler": OptionalPart(self.scaler),
+            "rng_per_rank": RankStreams(self.dist, self._capture_streams, self._restore_streams, self._regroup_data),
+        }
+
+    def _capture_streams(self) -> dict:
+        return {
             "global": capture_rng_state(),
             "mask": self.mask_generator.get_state(),
             "mask_device": self.mask_generator.device.type,  # a CPU state cannot drive a CUDA generator
             "data": self.data.state_dict(),
         }
-        per_rank = self._gather_rng(rng)
-        return {
-            **self.state_header("pretrain"),
-            "arch": self.cfg.model.arch,
-            "model_args": model_args(self.cfg),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng_per_rank": per_rank,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore a `state_dict()`. On another number of ranks the data continue at the same global position,
-        and every image keeps its masks, drop-path and augmentation draws (they are the image's own): each later
-        step sees the images and draws it would have seen; only the summation order differs."""
-        self._load_weights(state)
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.step = int(state["step"])
-        self.wall_time = float(state.get("wall_time_s", 0.0))
-        per_rank = state.get("rng_per_rank") or []
-        self._restore_rng(per_rank, self._restore_streams)
-        if per_rank and len(per_rank) != self.dist.world_size:
-            saved = [rank_streams["data"] for rank_streams in per_rank]
-            self.data.load_state_dict(ResumableLoader.merge_rank_states(saved, with_bad_files=self.dist.is_main))
 
     def _restore_streams(self, rng: dict) -> None:
         restore_rng_state(rng["global"])
@@ -297,8 +285,14 @@ class PretrainTrainer(RunLoop):
         restore_generator(self.mask_generator, rng["mask"], rng.get("mask_device"), reseed)
         self.data.load_state_dict(rng["data"])
 
-    def _load_weights(self, state: dict) -> None:
-        weights = checkpoint_model_state(state)
+    def _regroup_data(self, per_rank: list[dict]) -> None:
+        """On another number of ranks the data continue at the same global position, and every image keeps its
+        masks, drop-path and augmentation draws (they are the image's own): each later step sees the images and
+        draws it would have seen; only the summation order differs."""
+        saved = [rank_streams["data"] for rank_streams in per_rank]
+        self.data.load_state_dict(ResumableLoader.merge_rank_states(saved, with_bad_files=self.dist.is_main))
+
+    def _load_weights(self, weights: dict) -> None:
         result = self.model.load_state_dict(weights, strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise CheckpointError(
@@ -312,7 +306,7 @@ class PretrainTrainer(RunLoop):
             return True
         if self.cfg.init_from:
             ckpt = read_checkpoint(self.cfg.init_from)
-            self._load_weights(ckpt)
+            self._load_weights(checkpoint_model_state(ckpt))
             log.info("initialised weights from %s (a new schedule starts at step 0)", self.cfg.init_from)
         return False
 

@@ -47,9 +47,6 @@ class RunLoop(CheckpointedRun):
     logbook: Logbook
     steps_per_epoch: int
     optimizer: torch.optim.Optimizer
-    batch_keys: tuple[str, str] | None = ("batch_size", "accum_steps")
-    """Where `cfg` keeps the global batch and its accumulation (dotted paths), named so in errors; None for a
-    trainer without a batch split (the fast probe: each rank takes its rows of every batch)."""
 
     def _open(self, cfg: Any, run_dir: str | Path) -> None:
         """Take the task's config and run folder (created), set this process up (rank info, device, threads) and
