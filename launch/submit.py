@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from jobs.manifest import job_entries
 from launch.config.compose import load_launch_config
 from launch.config.schema import LaunchConfig
 from launch.planning.dag import build_dag, render_dag
@@ -49,7 +50,7 @@ def plan_command(command: str, cfg: LaunchConfig) -> CommandPlan:
     nodes = validate(cfg, build_dag(cfg, command, exp), exp.run_dir("pretrain"), then=milestones)
     recorded = read_manifest(exp)
     amended = check_ownership(exp, cfg, recorded)
-    entries = (recorded or {}).get("jobs", {})
+    entries = job_entries(recorded)
     views, _ = current_views(entries)
     plan = CommandPlan(exp, plan_jobs(nodes, entries, views, exp, cfg.cluster), entries, views)
     check_amendable_now(amended, plan.jobs, exp)

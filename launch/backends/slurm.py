@@ -31,7 +31,7 @@ def submit_planned(exp: Experiment, cfg: LaunchConfig, plan: CommandPlan) -> dic
     to_submit = plan.to_submit
     for p in to_submit:
         write_job_config(exp, p.node.name, p.node.config)
-    ids = {name: e.get("job_id") for name, e in plan.entries.items()}
+    ids = {name: e.job_id for name, e in plan.entries.items()}
     submitted = {}
     for p in to_submit:
         name, spec = p.node.name, p.spec

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from jobs.manifest import submission_count
+from jobs.manifest import JobEntry
 from jobs.spec import JobSpec
 from jobs.states import JobState
 from launch.config.schema import ClusterConfig
@@ -45,7 +45,7 @@ class CommandPlan:
     experiment: Experiment
     jobs: list[PlannedJob]
     """One per job of the DAG, dependencies first."""
-    entries: dict[str, dict]
+    entries: dict[str, JobEntry]
     """The manifest's jobs as this command read them."""
     views: dict[str, JobView]
     """Their current state by name."""
@@ -56,7 +56,11 @@ class CommandPlan:
 
 
 def plan_jobs(
-    nodes: list[JobNode], entries: dict[str, dict], views: dict[str, JobView], exp: Experiment, cluster: ClusterConfig
+    nodes: list[JobNode],
+    entries: dict[str, JobEntry],
+    views: dict[str, JobView],
+    exp: Experiment,
+    cluster: ClusterConfig,
 ) -> list[PlannedJob]:
     """One PlannedJob per node, in order. `entries`: manifest jobs; `views`: their current state by name."""
     planned: dict[str, PlannedJob] = {}
@@ -75,11 +79,11 @@ def plan_jobs(
         elif view.state == JobState.COMPLETED:
             action, why = DONE_ACTION, "completed"
         elif view.alive:
-            action, why = KEEP, f"already {view.state.lower()} as job {entry.get('job_id')}"
+            action, why = KEEP, f"already {view.state.lower()} as job {entry.job_id}"
         else:
-            action, why = SUBMIT, f"previous job {entry.get('job_id')} ended {view.state}"
+            action, why = SUBMIT, f"previous job {entry.job_id} ended {view.state}"
         if action == SUBMIT:
-            spec = job_spec(exp, node.name, node.task, cluster, submission_count(entry or {}) + 1)
+            spec = job_spec(exp, node.name, node.task, cluster, (entry.submission_count if entry else 0) + 1)
             planned[node.name] = PlannedJob(node, action, why, after, spec)
         else:
             planned[node.name] = PlannedJob(node, action, why)
