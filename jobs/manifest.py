@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +39,82 @@ from jobs.records import (
 )
 from jobs.states import JobState
 
-__all__ = ["MANIFEST_NAME", "RECORDS_DIR", "JobRecord", "Manifest", "now_iso", "set_launcher_state", "submission_count"]
+__all__ = [
+    "MANIFEST_NAME",
+    "RECORDS_DIR",
+    "JobEntry",
+    "JobRecord",
+    "Manifest",
+    "job_entries",
+    "now_iso",
+    "set_launcher_state",
+    "submission_count",
+]
 
 MANIFEST_NAME = "manifest.json"
 RECORDS_DIR = "records"
+
+
+@dataclass(frozen=True)
+class JobEntry:
+    """One job of the manifest's view (`Manifest.read()["jobs"][name]`), typed for its readers; built by
+    `job_entries`. Attempts and submissions stay the records' own dicts (the layout above)."""
+
+    name: str
+    task: str
+    """The task it runs; the job's name when the entry does not say (a job run by hand)."""
+    state: JobState
+    """The newest recorded state; UNKNOWN when none is."""
+    reason: str
+    job_id: str | None
+    """The id of its latest submission (SLURM's, `local-<pid>` locally); None before one has an id."""
+    backend: str | None
+    """slurm or local; None for a job the launcher did not submit."""
+    run_dir: str
+    """Its run folder, relative to the experiment folder (or absolute)."""
+    depends_on: tuple[str, ...]
+    submissions: tuple[dict[str, Any], ...]
+    attempts: tuple[dict[str, Any], ...]
+    nodes: int | None
+    gpus_per_node: int | None
+    submitit_dir: str | None
+    log: str | None
+
+    @classmethod
+    def of(cls, name: str, entry: dict[str, Any]) -> JobEntry:
+        state = entry.get("state")
+        return cls(
+            name=name,
+            task=entry.get("task", name),
+            state=JobState(state) if state in JobState.__members__ else JobState.UNKNOWN,
+            reason=entry.get("reason") or "",
+            job_id=entry.get("job_id"),
+            backend=entry.get("backend"),
+            run_dir=entry.get("run_dir", name),
+            depends_on=tuple(entry.get("depends_on", ())),
+            submissions=tuple(entry.get("submissions", ())),
+            attempts=tuple(entry.get("attempts", ())),
+            nodes=entry.get("nodes"),
+            gpus_per_node=entry.get("gpus_per_node"),
+            submitit_dir=entry.get("submitit_dir"),
+            log=entry.get("log"),
+        )
+
+    @property
+    def submission_count(self) -> int:
+        """How many times the launcher has submitted the job (its latest submission's number)."""
+        return len(self.submissions)
+
+    @property
+    def earlier_job_ids(self) -> list[str]:
+        """The ids of its earlier submissions, oldest first, without the current one."""
+        ids = (s.get("job_id") for s in self.submissions)
+        return list(dict.fromkeys(i for i in ids if i not in (None, self.job_id)))
+
+
+def job_entries(data: dict[str, Any] | None) -> dict[str, JobEntry]:
+    """{name: JobEntry} of a merged manifest (`Manifest.read()`; None: nothing recorded yet), in its order."""
+    return {name: JobEntry.of(name, entry) for name, entry in (data or {}).get("jobs", {}).items()}
 
 
 class Manifest:

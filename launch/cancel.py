@@ -6,7 +6,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from jobs.manifest import Manifest
+from jobs.manifest import Manifest, job_entries
 from jobs.runner import cancel_dependents
 from jobs.slurm_cli import cancel
 from jobs.states import JobState
@@ -18,17 +18,17 @@ def cancel_jobs(experiment_dir: Path, jobs: list[str], console: Console) -> list
     manifest = Manifest(experiment_dir)
     if not manifest.exists():
         raise FileNotFoundError(f"no experiment at {experiment_dir} (no manifest.json): give an experiment folder")
-    entries = manifest.read().get("jobs", {})
+    entries = job_entries(manifest.read())
     unknown = [j for j in jobs if j not in entries]
     if unknown:
         raise ValueError(f"{experiment_dir} has no job {', '.join(unknown)}; its jobs: {', '.join(entries)}")
     views, _ = current_views(entries)
-    chosen = [name for name in (jobs or list(entries)) if views[name].alive and entries[name].get("backend") == "slurm"]
-    cancel([entries[name]["job_id"] for name in chosen])
+    chosen = [name for name in (jobs or list(entries)) if views[name].alive and entries[name].backend == "slurm"]
+    cancel([entries[name].job_id for name in chosen])
     for name in chosen:
         manifest.update_job(name, state=JobState.CANCELLED, reason="cancelled with `launch cancel`")
         cancel_dependents(manifest, name, f"{name} was cancelled with `launch cancel`")
-        console.print(f"cancelled {name} (job {entries[name]['job_id']})")
+        console.print(f"cancelled {name} (job {entries[name].job_id})")
     if not chosen:
         console.print("nothing to cancel: no pending or running SLURM job")
     return chosen

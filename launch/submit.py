@@ -6,6 +6,7 @@ missing, and then prints (--dry-run), submits to SLURM, or runs the jobs locally
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -13,12 +14,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from jobs.manifest import job_entries
 from launch.config.compose import load_launch_config
 from launch.config.schema import LaunchConfig
 from launch.planning.dag import build_dag, render_dag
-from launch.planning.experiment import Experiment, ExperimentConflict, check_ownership, job_spec, prepare
+from launch.planning.experiment import Experiment, ExperimentConflict, check_ownership, prepare, read_manifest
 from launch.planning.milestones import milestone_evaluations
-from launch.planning.plan import SUBMIT, PlannedJob, plan_jobs
+from launch.planning.plan import SUBMIT, CommandPlan, PlannedJob, plan_jobs
 from launch.planning.validate import validate
 from launch.reporting.jobstate import current_views
 
@@ -35,23 +37,24 @@ class CommandResult:
     exit_code: int = 0
 
 
-def plan_command(command: str, cfg: LaunchConfig) -> tuple[Experiment, list[PlannedJob], dict]:
+def plan_command(command: str, cfg: LaunchConfig) -> CommandPlan:
     """Validate everything and decide what to submit; queues nothing and writes nothing in the experiment
-    (milestone evaluations scan the pretraining data, which fills its file-list cache as the job would)."""
+    (milestone evaluations scan the pretraining data, which fills its file-list cache as the job would).
+
+    The stages: the config's job graph (`build_dag`), checked (`validate`, which adds the milestone evaluations
+    once the config passed the checks their schedule needs), then planned against the manifest, read once."""
     exp = Experiment.of(cfg)
-    nodes = build_dag(cfg, command, exp)
-    validate(cfg, nodes, exp.run_dir("pretrain"))
-    amended = check_ownership(exp, cfg)
+    milestones = None
     if command == "pipeline" and cfg.pipeline.eval_every_steps:
-        # After the checks: the milestones come from the schedule, which needs a valid data folder and batch.
-        milestones = milestone_evaluations(cfg, exp)
-        validate(cfg, milestones, exp.run_dir("pretrain"))
-        nodes += milestones
-    entries = exp.manifest.read().get("jobs", {}) if exp.manifest.exists() else {}
+        milestones = functools.partial(milestone_evaluations, cfg, exp)
+    nodes = validate(cfg, build_dag(cfg, command, exp), exp.run_dir("pretrain"), then=milestones)
+    recorded = read_manifest(exp)
+    amended = check_ownership(exp, cfg, recorded)
+    entries = job_entries(recorded)
     views, _ = current_views(entries)
-    planned = plan_jobs(nodes, entries, views)
-    check_amendable_now(amended, planned, exp)
-    return exp, planned, views
+    plan = CommandPlan(exp, plan_jobs(nodes, entries, views, exp, cfg.cluster), entries, views)
+    check_amendable_now(amended, plan.jobs, exp)
+    return plan
 
 
 def check_amendable_now(amended: list[str], planned: list[PlannedJob], exp: Experiment) -> None:
@@ -80,20 +83,21 @@ def run_command(
 
 def run_with_config(command: str, cfg: LaunchConfig, dry_run: bool, console: Console) -> CommandResult:
     """The command for an already built config (sweep members come here)."""
-    exp, planned, views = plan_command(command, cfg)
+    plan = plan_command(command, cfg)
+    exp, planned = plan.experiment, plan.jobs
     show_plan(console, exp, cfg, planned)
     if dry_run:
         show_dry_run(console, exp, cfg, planned)
         return CommandResult(exp, planned, {})
-    if not any(p.action == SUBMIT for p in planned):
+    if not plan.to_submit:
         console.print(f"[green]nothing to submit[/]: every job of {escape(str(exp.dir))} is done or already queued")
         return CommandResult(exp, planned, {})
     if cfg.cluster.backend == "slurm":
         from launch.backends.slurm import check_with_sbatch, submit_planned
 
-        check_with_sbatch(exp, cfg, planned)
+        check_with_sbatch(exp, cfg, plan)
         prepare(exp, cfg)
-        submitted = submit_planned(exp, cfg, planned, views)
+        submitted = submit_planned(exp, cfg, plan)
         for name, job_id in submitted.items():
             console.print(f"submitted [bold]{name}[/] as SLURM job {job_id}")
         console.print(escape(f"follow it with: python -m launch status {exp.dir}"))
@@ -132,5 +136,4 @@ def show_dry_run(console: Console, exp: Experiment, cfg: LaunchConfig, planned: 
         after = [f"<{d} job id>" for d in p.after]
         script = exp.submitit_dir(p.node.name) / "<job id>_submission.sh"
         console.out(f"\n# ---- {p.node.name}: submitit submits {script}:", highlight=False)
-        spec = job_spec(exp, p.node.name, p.node.task, cfg.cluster)
-        console.out(batch_script(p.node, cfg.cluster, exp, after, spec), highlight=False, end="")
+        console.out(batch_script(p.node, cfg.cluster, exp, after, p.spec), highlight=False, end="")

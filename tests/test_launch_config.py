@@ -13,7 +13,15 @@ from extrema.checkpoint import FORMAT, atomic_save
 from extrema.models.siamese import create_model
 from launch.backends.sbatch import batch_script
 from launch.config.compose import ConfigError, load_launch_config
-from launch.planning.experiment import Experiment, ExperimentConflict, check_ownership, is_amendable, job_spec, prepare
+from launch.planning.experiment import (
+    Experiment,
+    ExperimentConflict,
+    check_ownership,
+    is_amendable,
+    job_spec,
+    prepare,
+    read_manifest,
+)
 from launch.planning.validate import ValidationError
 from launch.submit import plan_command, run_command
 from tests.image_data import write_image_folder
@@ -121,7 +129,7 @@ def test_every_cluster_knob_reaches_the_batch_script(tmp_path: Path) -> None:
 
     exp = Experiment.of(cfg)
     node = build_dag(cfg, "pretrain", exp)[0]
-    spec = job_spec(exp, node.name, node.task, cfg.cluster)
+    spec = job_spec(exp, node.name, node.task, cfg.cluster, submission=1)
     script = batch_script(node, cfg.cluster, exp, [], spec)
     for line in (
         "#SBATCH --partition=gpu", "#SBATCH --account=vision", "#SBATCH --qos=high", "#SBATCH --nodes=4",
@@ -264,8 +272,8 @@ def test_world_size_may_change_and_the_micro_step_split_only_with_amend(data: Pa
     # pipeline.amend, nothing recorded as an amendment; the job is planned on the new size.
     for extra, ranks in ((["cluster.nodes=2"], 2), (["cluster.tasks_per_node=2"], 2), (["pipeline.amend=true"], 1)):
         cfg = config(*extra)
-        assert check_ownership(exp, cfg) == []
-        _, planned, _ = plan_command("pretrain", cfg)
+        assert check_ownership(exp, cfg, read_manifest(exp)) == []
+        planned = plan_command("pretrain", cfg).jobs
         assert planned[0].node.nodes * cfg.cluster.tasks_per_node == ranks
     # How each rank splits its share into micro-steps: refused without amend (with the hint), taken with it.
     split = ("pretrain.optim.accum_steps=2", "pretrain.run.max_micro_batch=4", "linprobe.accum_steps=auto")
@@ -279,7 +287,7 @@ def test_world_size_may_change_and_the_micro_step_split_only_with_amend(data: Pa
     assert all(change in str(err.value) for change in changes), str(err.value)
     assert "add pipeline.amend=true" in str(err.value)
     amended = config(*split, "cluster.nodes=2", "pipeline.amend=true")
-    _, planned, _ = plan_command("pipeline", amended)
+    planned = plan_command("pipeline", amended).jobs
     assert planned[0].node.nodes == 2 and planned[0].node.config.optim.accum_steps == 2
     prepare(exp, amended)
     assert exp.manifest.read()["amendments"][-1]["changes"] == changes

@@ -128,7 +128,7 @@ def test_local_pipeline_evaluates_every_milestone_once(data: Path, tmp_path: Pat
     again = run_command("pipeline", overrides, console=Console(quiet=True))
     assert [p.action for p in again.planned] == ["done", "done", "done", "submit", "done"] and again.exit_code == 0
     assert [len(j["attempts"]) for j in Manifest(exp).read()["jobs"].values()] == [1, 1, 1, 2, 1]
-    assert [p.action for p in plan_command("pipeline", load_launch_config(overrides))[1]] == ["done"] * 5
+    assert [p.action for p in plan_command("pipeline", load_launch_config(overrides)).jobs] == ["done"] * 5
 
     # The milestones are part of the experiment: another period would evaluate checkpoints it did not keep.
     with pytest.raises(ExperimentConflict, match=r"pretrain.run.keep_every_steps: 2 -> 4(.|\n)*the value it was made"):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.manifest import Manifest
+from jobs.manifest import Manifest, job_entries
 from launch.reporting.jobstate import current_views
 from tests.slurm_helpers import SlurmCluster
 
@@ -41,7 +41,7 @@ def test_status_without_accounting_uses_squeue_then_scontrol_then_manifest(
             # A job SLURM no longer knows (purged): only the manifest can tell.
             "old": {"backend": "slurm", "job_id": "999999", "state": "COMPLETED", "reason": "done long ago"},
         }
-    entries = manifest.read()["jobs"]
+    entries = job_entries(manifest.read())
     views, source = current_views(entries)
     # With accounting: a live job's state is the controller's (accounting may lag a moment behind).
     assert source == "sacct" and views["live"].state == "RUNNING" and views["ended"].state == "COMPLETED"

@@ -23,7 +23,7 @@ def _script(tmp_path: Path, *overrides: str, job: str = "pretrain") -> tuple[str
     cfg = load_launch_config([f"root={tmp_path}", "cluster=slurm", *overrides])
     exp = Experiment.of(cfg)
     node = next(n for n in build_dag(cfg, "pipeline", exp) if n.name == job)
-    spec = job_spec(exp, job, node.task, cfg.cluster)
+    spec = job_spec(exp, job, node.task, cfg.cluster, submission=1)
     return batch_script(node, cfg.cluster, exp, ["41"] if job != "pretrain" else [], spec), exp
 
 
@@ -78,7 +78,7 @@ def test_the_rendered_script_is_the_one_a_slurm_executor_submits(tmp_path: Path)
     exp = Experiment.of(cfg)
     node = build_dag(cfg, "pipeline", exp)[1]
     executor = submitit.SlurmExecutor(exp.submitit_dir(node.name), python=python_command(cfg.cluster))
-    spec = job_spec(exp, node.name, node.task, cfg.cluster)
+    spec = job_spec(exp, node.name, node.task, cfg.cluster, submission=1)
     executor.update_parameters(**slurm_parameters(node, cfg.cluster, exp, ["7"], spec))
     submitted = executor._make_submission_file_text(executor._submitit_command_str, "uid")
     assert submitted == batch_script(node, cfg.cluster, exp, ["7"], spec)

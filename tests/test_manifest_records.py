@@ -10,7 +10,7 @@ import json
 import multiprocessing
 from pathlib import Path
 
-from jobs.manifest import JobRecord, Manifest
+from jobs.manifest import JobEntry, JobRecord, Manifest, job_entries
 from jobs.records import CLOSED
 from jobs.runner import cancel_dependents
 from jobs.states import JobState
@@ -179,3 +179,33 @@ def test_jobs_and_the_launcher_writing_at_once_lose_nothing(tmp_path: Path) -> N
         "pretrain.json",
         "pretrain.rank1.json",
     ]
+
+
+def test_job_entries_type_the_merged_view(tmp_path: Path) -> None:
+    manifest = Manifest(tmp_path)
+    _submitted(manifest, "pretrain", ["7", "8"])
+    with manifest.edit() as data:
+        data["jobs"]["pretrain"].update(job_id="8", run_dir="pretrain", nodes=2, gpus_per_node=4)
+    manifest.job_record("pretrain", submission=2).start_attempt({"job_id": "8"})  # the job's own record: RUNNING
+    manifest.job_record("byhand", submission=1).start_attempt({"job_id": None})  # a job run by hand into the folder
+
+    entries = job_entries(manifest.read())
+    assert list(entries) == ["pretrain", "byhand"]
+    pretrain = entries["pretrain"]
+    assert isinstance(pretrain, JobEntry) and pretrain.state is JobState.RUNNING  # the record's state, typed
+    assert (pretrain.task, pretrain.backend, pretrain.job_id, pretrain.nodes, pretrain.gpus_per_node) == (
+        "pretrain", "local", "8", 2, 4,
+    )  # fmt: skip
+    assert (pretrain.submission_count, pretrain.earlier_job_ids) == (2, ["7"])
+    assert [a["n"] for a in pretrain.attempts] == [1]
+    # What the launcher never wrote falls back to the job's name and to nothing.
+    byhand = entries["byhand"]
+    assert (byhand.task, byhand.run_dir, byhand.backend, byhand.job_id, byhand.submission_count) == (
+        "byhand", "byhand", None, None, 0,
+    )  # fmt: skip
+    assert byhand.state is JobState.RUNNING and byhand.depends_on == ()
+    assert job_entries(None) == {} and job_entries({"name": "empty"}) == {}
+    # A state word the vocabulary does not have reads as UNKNOWN.
+    with manifest.edit() as data:
+        data["jobs"]["odd"] = {"state": "WEIRD"}
+    assert job_entries(manifest.read())["odd"].state is JobState.UNKNOWN

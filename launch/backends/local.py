@@ -21,7 +21,7 @@ from jobs.manifest import now_iso, set_launcher_state
 from jobs.runner import CheckpointableJob, JobOutcome, JobSpec, run_attempt
 from jobs.states import JobState
 from launch.config.schema import ClusterConfig, LaunchConfig
-from launch.planning.experiment import Experiment, job_spec, write_job_config, write_job_spec
+from launch.planning.experiment import Experiment, write_job_config, write_job_spec
 from launch.planning.plan import DONE_ACTION, SUBMIT, PlannedJob
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ def run_planned(exp: Experiment, cfg: LaunchConfig, planned: list[PlannedJob]) -
             continue
         name = p.node.name
         missing = [d for d in p.node.depends_on if d not in ok]
-        spec = job_spec(exp, name, p.node.task, cfg.cluster)
+        spec = p.spec
         if missing:
             with exp.manifest.edit() as data:  # as of the submission this command would have made
                 reason = f"dependency {', '.join(missing)} did not complete"

@@ -12,38 +12,34 @@ from jobs.slurm_cli import cancel
 from jobs.states import JobState
 from launch.backends.sbatch import batch_script, make_executor, test_only
 from launch.config.schema import LaunchConfig
-from launch.planning.experiment import Experiment, job_spec, write_job_config, write_job_spec
-from launch.planning.plan import SUBMIT, PlannedJob
-from launch.reporting.jobstate import JobView
+from launch.planning.experiment import Experiment, write_job_config, write_job_spec
+from launch.planning.plan import CommandPlan
 
 log = logging.getLogger(__name__)
 
 
-def check_with_sbatch(exp: Experiment, cfg: LaunchConfig, planned: list[PlannedJob]) -> None:
+def check_with_sbatch(exp: Experiment, cfg: LaunchConfig, plan: CommandPlan) -> None:
     """Ask sbatch (`--test-only`) about every script before anything is written or submitted, so that a
     partition, account or resource request SLURM rejects fails the command with sbatch's own message."""
-    for p in planned:
-        if p.action == SUBMIT:  # without the dependency: the jobs it waits for have no ids yet
-            spec = job_spec(exp, p.node.name, p.node.task, cfg.cluster)
-            test_only(p.node.name, batch_script(p.node, cfg.cluster, exp, [], spec))
+    for p in plan.to_submit:  # without the dependency: the jobs it waits for have no ids yet
+        test_only(p.node.name, batch_script(p.node, cfg.cluster, exp, [], p.spec))
 
 
-def submit_planned(exp: Experiment, cfg: LaunchConfig, planned: list[PlannedJob], views: dict[str, JobView]) -> dict:
-    """Submit every job whose action is `submit`; returns {job name: job id} of what was submitted."""
-    to_submit = [p for p in planned if p.action == SUBMIT]
+def submit_planned(exp: Experiment, cfg: LaunchConfig, plan: CommandPlan) -> dict:
+    """Submit every job whose action is `submit`, each with the spec its plan holds; returns {job name: job id}
+    of what was submitted."""
+    to_submit = plan.to_submit
     for p in to_submit:
         write_job_config(exp, p.node.name, p.node.config)
-    entries = exp.manifest.read().get("jobs", {})
-    ids = {name: e.get("job_id") for name, e in entries.items()}
+    ids = {name: e.job_id for name, e in plan.entries.items()}
     submitted = {}
     for p in to_submit:
-        name = p.node.name
-        old = views.get(name)
+        name, spec = p.node.name, p.spec
+        old = plan.views.get(name)
         if old is not None and old.alive and ids.get(name):
             # Pending on a dependency that is submitted again: replace it, never run two copies.
             cancel([ids[name]])
         after = [ids[d] for d in p.after if ids.get(d)]
-        spec = job_spec(exp, name, p.node.task, cfg.cluster)
         with exp.manifest.edit() as data:
             entry = data["jobs"].setdefault(name, {})
             set_launcher_state(entry, JobState.SUBMITTING, None, spec.submission)

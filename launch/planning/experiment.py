@@ -24,7 +24,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from jobs.config_io import save_config
-from jobs.manifest import Manifest, now_iso, submission_count
+from jobs.manifest import Manifest, now_iso
 from jobs.runner import JobSpec
 from launch.config.schema import ClusterConfig, LaunchConfig
 
@@ -118,14 +118,19 @@ def is_amendable(key: str) -> bool:
     return leaf in AMENDABLE_LEAVES and rest in (leaf, f"optim.{leaf}", f"run.{leaf}")
 
 
-def check_ownership(exp: Experiment, cfg: LaunchConfig) -> list[str]:
-    """Refuse to reuse a folder made for a different config (its checkpoints would be resumed).
+def read_manifest(exp: Experiment) -> dict[str, Any] | None:
+    """The experiment's merged manifest (`Manifest.read`), or None when nothing recorded it yet."""
+    return exp.manifest.read() if exp.manifest.exists() else None
+
+
+def check_ownership(exp: Experiment, cfg: LaunchConfig, data: dict[str, Any] | None) -> list[str]:
+    """Refuse to reuse a folder made for a different config (its checkpoints would be resumed). `data`: the
+    folder's manifest as this command read it (`read_manifest`).
 
     Returns the dotted keys this command amends: empty, or only amendable ones under `pipeline.amend=true`.
     """
     if not exp.dir.exists():
         return []
-    data = exp.manifest.read() if exp.manifest.exists() else None
     if data is None:
         if any(exp.dir.iterdir()):
             raise ExperimentConflict(
@@ -180,17 +185,16 @@ def prepare(exp: Experiment, cfg: LaunchConfig) -> None:
     (exp.dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
-def job_spec(exp: Experiment, name: str, task: str, cluster: ClusterConfig) -> JobSpec:
-    """The JobSpec of the submission of one job that this command makes (what every backend submits, and what
-    a dry run shows): the next one after those the manifest records."""
-    entry = exp.manifest.job(name) or {} if exp.manifest.exists() else {}
+def job_spec(exp: Experiment, name: str, task: str, cluster: ClusterConfig, submission: int) -> JobSpec:
+    """The JobSpec of one job's `submission` (its number: the next one after those the manifest records), what
+    every backend submits and a dry run shows."""
     return JobSpec(
         task=task,
         config_path=str(exp.job_config(name)),
         run_dir=str(exp.run_dir(name)),
         experiment_dir=str(exp.dir),
         job_name=name,
-        submission=submission_count(entry) + 1,
+        submission=submission,
         max_requeues=cluster.max_requeues,
         max_timeouts=cluster.max_timeouts,
         max_crashes=cluster.max_crashes,

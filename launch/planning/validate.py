@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 from extrema.batching import AccumSetting, plan_batch
@@ -120,9 +121,9 @@ def _check_decodes(split_dir: Path, files: FileList, what: str) -> None:
                     len(failures), len(picks), split_dir, failures[:3])  # fmt: skip
 
 
-def check_data(nodes: list[JobNode]) -> None:
-    """Every job's data folder, once per distinct folder and splits."""
-    seen: set[tuple[str, tuple[str, ...]]] = set()
+def check_data(nodes: list[JobNode], seen: set[tuple[str, tuple[str, ...]]]) -> None:
+    """Every job's data folder, once per distinct folder and splits: `seen` holds those checked already (and
+    gets these)."""
     for node in nodes:
         data = node.config.data
         splits = ("train",) if node.task == "pretrain" else ("train", "val")
@@ -206,12 +207,35 @@ def check_gpus_per_task(cfg: LaunchConfig, nodes: list[JobNode]) -> None:
         )
 
 
-def validate(cfg: LaunchConfig, nodes: list[JobNode], pretrain_run_dir: Path) -> None:
-    """Every pre-queue check that needs no SLURM (SLURM's own check is `launch.backends.sbatch.test_only`)."""
+def validate(
+    cfg: LaunchConfig,
+    nodes: list[JobNode],
+    pretrain_run_dir: Path,
+    then: Callable[[], list[JobNode]] | None = None,
+) -> list[JobNode]:
+    """Every pre-queue check that needs no SLURM (SLURM's own check is `launch.backends.sbatch.test_only`), once
+    per job and data folder; returns the jobs checked.
+
+    `then` builds more jobs from a config that passed the checks of `nodes` (the milestone evaluations: their
+    steps come from the pretraining data, so a bad data folder is reported before it is counted); they are
+    checked in turn, without scanning a data folder again.
+    """
+    seen_data: set[tuple[str, tuple[str, ...]]] = set()
+    _check_jobs(cfg, nodes, pretrain_run_dir, seen_data)
+    if then is None:
+        return nodes
+    more = then()
+    _check_jobs(cfg, more, pretrain_run_dir, seen_data)
+    return [*nodes, *more]
+
+
+def _check_jobs(
+    cfg: LaunchConfig, nodes: list[JobNode], pretrain_run_dir: Path, seen_data: set[tuple[str, tuple[str, ...]]]
+) -> None:
     check_batch_divisible(cfg, nodes)
     check_gpus_per_task(cfg, nodes)
     check_local_device(cfg, nodes)
-    check_data(nodes)
+    check_data(nodes, seen_data)
     check_checkpoints(nodes, pretrain_run_dir)
     if cfg.cluster.backend == "local" and cfg.cluster.executor == "inprocess":
         for node in nodes:

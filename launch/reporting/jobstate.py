@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from jobs.manifest import JobEntry
 from jobs.slurm_cli import SlurmError, parse_duration_s, sacct_records, show_job, squeue_states
 from jobs.states import ALIVE, FINAL_FAILURES, JobState
 
@@ -98,50 +99,39 @@ def _views_without_accounting(ids: list[str]) -> dict[str, JobView]:
     return views
 
 
-def job_view(entry: dict, slurm: dict[str, JobView]) -> JobView:
+def job_view(entry: JobEntry, slurm: dict[str, JobView]) -> JobView:
     """The best view of one manifest job: SLURM's when it knows the job, else the manifest's own record."""
-    job_id = entry.get("job_id")
-    if entry.get("backend") == "slurm" and job_id in slurm:
-        view = slurm[job_id]
+    if entry.backend == "slurm" and entry.job_id in slurm:
+        view = slurm[entry.job_id]
         if view.state == JobState.COMPLETED:
             view.reason = ""  # accounting keeps the last pending reason (e.g. Dependency) of finished jobs
-        elif not view.alive and entry.get("reason"):
+        elif not view.alive and entry.reason:
             # Why a job ended (our record: "dependency pretrain failed: ...") says more than SLURM's word.
-            view.reason = entry["reason"]
+            view.reason = entry.reason
         return view
-    return JobView(entry.get("state", JobState.UNKNOWN), "manifest", entry.get("reason") or "")
+    return JobView(entry.state, "manifest", entry.reason)
 
 
-def _earlier_ids(entry: dict) -> list[str]:
-    current = entry.get("job_id")
-    return list(
-        dict.fromkeys(s["job_id"] for s in entry.get("submissions", []) if s.get("job_id") not in (None, current))
-    )
-
-
-def current_views(entries: dict[str, dict]) -> tuple[dict[str, JobView], str]:
+def current_views(entries: dict[str, JobEntry]) -> tuple[dict[str, JobView], str]:
     """{job name: JobView} for the manifest's jobs, and where SLURM's answer came from.
 
     Local jobs have no scheduler to ask: a job the manifest does not record as COMPLETED is treated as
     ended (a launcher that was stopped leaves RUNNING behind), so that running the command again resumes it.
     """
-    slurm_ids = [e["job_id"] for e in entries.values() if e.get("backend") == "slurm" and e.get("job_id")]
+    on_slurm = {name: e for name, e in entries.items() if e.backend == "slurm"}
+    slurm_ids = [e.job_id for e in on_slurm.values() if e.job_id]
     # A job submitted again (after a failure) ran under several ids: its run time is theirs together.
-    earlier = {name: _earlier_ids(e) for name, e in entries.items() if e.get("backend") == "slurm"}
-    slurm, source = slurm_views(slurm_ids + [i for ids in earlier.values() for i in ids])
+    earlier = [i for e in on_slurm.values() for i in e.earlier_job_ids]
+    slurm, source = slurm_views(slurm_ids + earlier)
     views: dict[str, JobView] = {}
     for name, entry in entries.items():
-        if entry.get("backend") == "slurm":
+        if entry.backend == "slurm":
             views[name] = job_view(entry, slurm)
-            views[name].elapsed_s += sum(slurm[i].elapsed_s for i in earlier[name] if i in slurm)
+            views[name].elapsed_s += sum(slurm[i].elapsed_s for i in entry.earlier_job_ids if i in slurm)
             if views[name].source == "manifest" and views[name].state in ALIVE:
                 # Neither accounting nor the controller knows it: it cannot be pending or running.
                 views[name].state = JobState.UNKNOWN
         else:
-            state = entry.get("state", JobState.UNKNOWN)
-            views[name] = JobView(
-                state if state in (JobState.COMPLETED, *FINAL_FAILURES) else JobState.INTERRUPTED,
-                "manifest",
-                entry.get("reason") or "",
-            )
+            state = entry.state if entry.state in (JobState.COMPLETED, *FINAL_FAILURES) else JobState.INTERRUPTED
+            views[name] = JobView(state, "manifest", entry.reason)
     return views, source

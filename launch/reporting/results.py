@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from jobs.manifest import Manifest
+from jobs.manifest import JobEntry, Manifest, job_entries
 from launch.planning.milestones import parse_milestone_job
 from launch.reporting.progress import read_final_metrics
 from launch.reporting.status import JobStatus, batch_split, collect, find_experiments, format_duration
@@ -115,22 +115,23 @@ def experiment_row(experiment_dir: Path, data: dict | None = None) -> ResultRow:
     config = data.get("config", {})
     pre = config.get("pretrain", {})
     mask = pre.get("mask", {})
-    jobs = data.get("jobs", {})
+    jobs = job_entries(data)
     statuses, _ = collect(experiment_dir)
     by_name: dict[str, JobStatus] = {s.name: s for s in statuses}
 
     def metrics(job: str) -> dict | None:
         entry = jobs.get(job)
-        return read_final_metrics(experiment_dir / entry.get("run_dir", job)) if entry else None
+        return read_final_metrics(experiment_dir / entry.run_dir) if entry else None
 
     pretrain_status = by_name.get("pretrain")
     pretrain_metrics = metrics("pretrain")
     wall_s = pretrain_status.elapsed_s if pretrain_status and pretrain_status.elapsed_s else None
     if wall_s is None and pretrain_metrics:
         wall_s = pretrain_metrics.get("wall_time_s")
-    gpus = (jobs.get("pretrain", {}).get("nodes") or 1) * (jobs.get("pretrain", {}).get("gpus_per_node") or 0)
+    pretrain = jobs.get("pretrain")
+    gpus = (pretrain.nodes or 1) * (pretrain.gpus_per_node or 0) if pretrain else 0
     ratio, count = mask.get("ratio"), mask.get("num_masks")
-    if "pretrain" not in jobs:  # evaluations of weights from elsewhere (a random init, a reference file):
+    if pretrain is None:  # evaluations of weights from elsewhere (a random init, a reference file):
         pre, ratio, count = {"model": pre.get("model", {})}, None, None  # the preset's recipe did not run here
     return ResultRow(
         experiment=data.get("name", experiment_dir.name),
@@ -162,7 +163,7 @@ def batch_summary(attempts: list[dict]) -> str | None:
     return f"{runs[0]['global_batch']} ({'; '.join(batch_split(p) for p in runs)})"
 
 
-def milestone_rows(experiment_dir: Path, final: ResultRow, jobs: dict[str, dict]) -> list[ResultRow]:
+def milestone_rows(experiment_dir: Path, final: ResultRow, jobs: dict[str, JobEntry]) -> list[ResultRow]:
     """One row per evaluated milestone step (oldest first); `final` is the experiment's main row, `jobs` its
     manifest's job entries."""
     by_step: dict[int, dict[str, dict | None]] = {}
@@ -170,7 +171,7 @@ def milestone_rows(experiment_dir: Path, final: ResultRow, jobs: dict[str, dict]
         parsed = parse_milestone_job(job)
         if parsed:
             task, step = parsed
-            by_step.setdefault(step, {})[task] = read_final_metrics(experiment_dir / entry.get("run_dir", job))
+            by_step.setdefault(step, {})[task] = read_final_metrics(experiment_dir / entry.run_dir)
     rows = []
     for step in sorted(by_step):
         m = by_step[step]
@@ -189,7 +190,7 @@ def collate(root: Path) -> list[ResultRow]:
     for experiment_dir in find_experiments(root):
         data = Manifest(experiment_dir).read()
         final = experiment_row(experiment_dir, data)
-        rows += [final, *milestone_rows(experiment_dir, final, data.get("jobs", {}))]
+        rows += [final, *milestone_rows(experiment_dir, final, job_entries(data))]
     return rows
 
 

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from jobs.manifest import MANIFEST_NAME, RECORDS_DIR, Manifest
+from jobs.manifest import MANIFEST_NAME, RECORDS_DIR, Manifest, job_entries
 from jobs.states import JobState
 from launch.reporting.jobstate import JobView, current_views
 from launch.reporting.progress import Progress, read_progress
@@ -65,11 +65,11 @@ def find_experiments(path: Path) -> list[Path]:
 def collect(experiment_dir: Path) -> tuple[list[JobStatus], str]:
     """Status of every job of one experiment, and the source of SLURM's states."""
     data = Manifest(experiment_dir).read()
-    entries = data.get("jobs", {})
+    entries = job_entries(data)
     views, source = current_views(entries)
     rows = []
     for name, entry in entries.items():
-        attempts = entry.get("attempts", [])
+        attempts = list(entry.attempts)
         view = views[name]
         # Accounting sums every attempt; without it, add up the attempts the job recorded itself.
         elapsed = view.elapsed_s or sum(_attempt_seconds(a) for a in attempts)
@@ -77,11 +77,11 @@ def collect(experiment_dir: Path) -> tuple[list[JobStatus], str]:
             JobStatus(
                 experiment=data.get("name", experiment_dir.name),
                 name=name,
-                task=entry.get("task", name),
-                job_id=str(entry.get("job_id") or "-"),
+                task=entry.task,
+                job_id=str(entry.job_id or "-"),
                 view=view,
                 attempts=attempts,
-                progress=read_progress(experiment_dir / entry.get("run_dir", name)),
+                progress=read_progress(experiment_dir / entry.run_dir),
                 nodes=view.nodelist or ",".join(sorted({a.get("nodes") or a.get("host", "") for a in attempts[-1:]})),
                 elapsed_s=elapsed,
                 causes=[a.get("cause") or "running" for a in attempts],
