@@ -38,7 +38,7 @@ def run_checkpoints(run_dir: Path, run: RunConfig) -> CheckpointManager:
 class CheckpointedRun:
     """Mixin for the trainers. The trainer sets `run_dir`, `ckpts`, `dist`, `device`, `step`, `total_steps`,
     `steps_per_epoch`, `wall_time` (and `batch_plan`), and defines `state_dict()` (starting from `state_header`)
-    and `load_state_dict()`; `task` names it in log lines."""
+    and `load_state_dict()`; `task`, its name in extrema.tasks, labels its log lines and is its checkpoints' kind."""
 
     task = "run"
     run_dir: Path

@@ -44,17 +44,15 @@ from extrema.models.probe_head import PROBE_BN_EPS, build_probe_head
 from extrema.precision import autocast
 from extrema.rng import capture_rng_state, restore_rng_state, seed_everything
 from extrema.schedules import scaled_lr, warmup_cosine
+from extrema.tasks import LINPROBE
 
 log = logging.getLogger(__name__)
-
-PROTOCOL = "linear_probe"
 
 
 class LinearProbeTrainer(EvaluationRun):
     """Trains the probe head on frozen features; follows the Trainer protocol of `extrema.engine.base`."""
 
-    task = "linear probe"
-    protocol = PROTOCOL
+    task = LINPROBE
 
     def __init__(self, cfg: LinearProbeConfig, run_dir: str | Path) -> None:
         self._open(cfg, run_dir)
@@ -78,7 +76,7 @@ class LinearProbeTrainer(EvaluationRun):
             self.head.parameters(), lr=self.peak_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
         self.batch_plan = self._measured_plan()
-        log.info("linear probe: %s", self.batch_plan)
+        log.info("%s: %s", self.task, self.batch_plan)
         self.loader = train_loader(self.splits.train, self.batch_plan.per_rank, self.dist, cfg.data, cfg.run.seed)
         self.steps_per_epoch = self.loader.steps_per_epoch
         schedule_steps = cfg.epochs * self.steps_per_epoch
@@ -86,7 +84,7 @@ class LinearProbeTrainer(EvaluationRun):
         self.step = 0
         self.wall_time = 0.0
         self.ckpts = run_checkpoints(self.run_dir, cfg.run)
-        self.logbook = Logbook(self.run_dir, self.dist.is_main, self.total_steps, PROTOCOL)
+        self.logbook = Logbook(self.run_dir, self.dist.is_main, self.total_steps, self.task)
 
     def _trial_step(self, micro_batch: int) -> None:
         """The frozen backbone's forward on `micro_batch` blank images (no gradient, no state, no random draw)."""
@@ -178,7 +176,7 @@ class LinearProbeTrainer(EvaluationRun):
         results["backbone_unchanged"] = True
         results["step"] = self.step
         record = self._write_metrics(self._derived(), results)
-        log.info("linear probe: top-1 %.2f%%, top-5 %.2f%%", results["top1"], results["top5"])
+        log.info("%s: top-1 %.2f%%, top-5 %.2f%%", self.task, results["top1"], results["top5"])
         return record
 
     def _derived(self) -> dict:
@@ -197,7 +195,7 @@ class LinearProbeTrainer(EvaluationRun):
         """Head, optimizer, step, loader position and RNG streams (the frozen backbone is only fingerprinted)."""
         per_rank = self._gather_rng(capture_rng_state())
         return {
-            **self.state_header(PROTOCOL),
+            **self.state_header(self.task),
             "weights": self.weights.as_dict(),
             "backbone_sha256": self.backbone_digest,
             "head": self.head.state_dict(),
