@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from extrema.tasks import PRETRAIN
 from launch.config.compose import load_launch_config
 from launch.config.schema import LaunchConfig
 from launch.planning.dag import build_dag, render_dag
@@ -40,12 +41,12 @@ def plan_command(command: str, cfg: LaunchConfig) -> tuple[Experiment, list[Plan
     (milestone evaluations scan the pretraining data, which fills its file-list cache as the job would)."""
     exp = Experiment.of(cfg)
     nodes = build_dag(cfg, command, exp)
-    validate(cfg, nodes, exp.run_dir("pretrain"))
+    validate(cfg, nodes, exp.run_dir(PRETRAIN))
     amended = check_ownership(exp, cfg)
     if command == "pipeline" and cfg.pipeline.eval_every_steps:
         # After the checks: the milestones come from the schedule, which needs a valid data folder and batch.
         milestones = milestone_evaluations(cfg, exp)
-        validate(cfg, milestones, exp.run_dir("pretrain"))
+        validate(cfg, milestones, exp.run_dir(PRETRAIN))
         nodes += milestones
     entries = exp.manifest.read().get("jobs", {}) if exp.manifest.exists() else {}
     views, _ = current_views(entries)
