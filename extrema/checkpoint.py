@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from extrema.tasks import current_task_name
+
 log = logging.getLogger(__name__)
 
 FORMAT = "extrema/1"
@@ -76,6 +78,8 @@ def read_checkpoint(path: str | Path, verify: bool = True) -> dict:
         raise CheckpointError(_unreadable(path, exc)) from exc
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} does not hold a checkpoint dict (got {type(obj).__name__})")
+    if "kind" in obj:  # files of earlier versions name the probes otherwise
+        obj["kind"] = current_task_name(obj["kind"])
     return obj
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from extrema.config import FastProbeConfig, FinetuneConfig, LinearProbeConfig, PretrainConfig
+from extrema.tasks import FASTPROBE, FINETUNE, LINPROBE, PRETRAIN
 
 
 @dataclass(frozen=True)
@@ -32,10 +33,13 @@ class Task:
 
 
 TASKS: dict[str, Task] = {
-    "pretrain": Task("pretrain", PretrainConfig, "extrema.engine.pretrain:PretrainTrainer", False),
-    "linprobe": Task("linprobe", LinearProbeConfig, "extrema.engine.linear_probe:LinearProbeTrainer", True),
-    "fastprobe": Task("fastprobe", FastProbeConfig, "extrema.engine.fast_probe:FastProbeTrainer", True),
-    "finetune": Task("finetune", FinetuneConfig, "extrema.engine.finetune:FinetuneTrainer", True),
+    task.name: task
+    for task in (
+        Task(PRETRAIN, PretrainConfig, "extrema.engine.pretrain:PretrainTrainer", False),
+        Task(LINPROBE, LinearProbeConfig, "extrema.engine.linear_probe:LinearProbeTrainer", True),
+        Task(FASTPROBE, FastProbeConfig, "extrema.engine.fast_probe:FastProbeTrainer", True),
+        Task(FINETUNE, FinetuneConfig, "extrema.engine.finetune:FinetuneTrainer", True),
+    )
 }
 
 

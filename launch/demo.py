@@ -32,10 +32,11 @@ from rich.table import Table
 from extrema.checkpoint import FORMAT, atomic_save, read_checkpoint
 from extrema.config import PretrainConfig
 from extrema.data.synthetic import SyntheticSpec, generate_synthetic_dataset
+from extrema.tasks import FASTPROBE, FINETUNE, LINPROBE, PRETRAIN
 from jobs.manifest import Manifest
 from launch.config.compose import load_launch_config
 from launch.reporting.progress import read_log, read_progress
-from launch.reporting.results import ResultRow, csv_table, experiment_row, markdown_table
+from launch.reporting.results import ACCURACY_HEADINGS, KNN, ResultRow, csv_table, experiment_row, markdown_table
 from launch.reporting.status import format_duration
 from launch.submit import run_command
 
@@ -51,8 +52,8 @@ DATASETS: dict[str, SyntheticSpec] = {
     "demo": SyntheticSpec(classes=DEMO_CLASSES, train_per_class=1000, val_per_class=200, image_size=32),
     "demo_smoke": SyntheticSpec(classes=DEMO_CLASSES[:4], train_per_class=48, val_per_class=16, image_size=32),
 }
-# (column, result field) of the comparison; the linear probe is the headline number.
-METRICS = (("linear probe", "linear"), ("linear (fast est.)", "fast_probe"), ("kNN", "knn"), ("finetune", "finetune"))
+# (column, result field) of the comparison; the linear probe is the headline number, spelled out.
+METRICS = (("linear probe", LINPROBE), *((ACCURACY_HEADINGS[field], field) for field in (FASTPROBE, KNN, FINETUNE)))
 
 
 @dataclass
@@ -120,7 +121,7 @@ def run_demo(paths: DemoPaths, preset: str, overrides: list[str], console: Conso
                 return _stopped(console, code)
 
     rows = {"ExtreMA pretrained": experiment_row(pretrained), "random init": experiment_row(baseline)}
-    report(paths.out, rows, pretrained / "pretrain", DATASETS[preset], cfg.dataset.name, console)
+    report(paths.out, rows, pretrained / PRETRAIN, DATASETS[preset], cfg.dataset.name, console)
     return 0
 
 
@@ -149,7 +150,7 @@ def write_random_init(pretrain: PretrainConfig, path: Path) -> Path:
     model = initial_model(pretrain)
     payload = {
         "format": FORMAT,
-        "kind": "pretrain",
+        "kind": PRETRAIN,
         "arch": pretrain.model.arch,
         "model_args": args,
         "step": 0,

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from extrema.tasks import PRETRAIN
 from jobs.manifest import job_entries
 from launch.config.compose import load_launch_config
 from launch.config.schema import LaunchConfig
@@ -47,7 +48,7 @@ def plan_command(command: str, cfg: LaunchConfig) -> CommandPlan:
     milestones = None
     if command == "pipeline" and cfg.pipeline.eval_every_steps:
         milestones = functools.partial(milestone_evaluations, cfg, exp)
-    nodes = validate(cfg, build_dag(cfg, command, exp), exp.run_dir("pretrain"), then=milestones)
+    nodes = validate(cfg, build_dag(cfg, command, exp), exp.run_dir(PRETRAIN), then=milestones)
     recorded = read_manifest(exp)
     amended = check_ownership(exp, cfg, recorded)
     entries = job_entries(recorded)

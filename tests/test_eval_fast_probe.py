@@ -199,10 +199,10 @@ def test_extraction_and_head_training_resume_exactly_and_the_run_reports(data, t
     assert records[0]["results"]["grid"] == records[1]["results"]["grid"]
     assert records[0]["results"]["knn"] == records[1]["results"]["knn"]
     record = records[0]
-    assert record["protocol"] == "fast_probe" and len(record["results"]["grid"]) == 16
+    assert record["protocol"] == "fastprobe" and len(record["results"]["grid"]) == 16
     assert record["results"]["knn"]["k"] == 5 and 0 <= record["results"]["knn"]["top1"] <= 100
     # The headline estimates the linear probe: the BN head at the protocol lr, whatever the grid's best is.
-    assert record["results"]["estimates"] == "linear_probe"
+    assert record["results"]["estimates"] == "linprobe"
     assert record["results"]["protocol_head"]["name"] == "lr0.1_bn"
     assert record["results"]["top1"] == record["results"]["protocol_head"]["val_top1"]
     assert record["weights"]["path"] == str(checkpoint) and record["weights"]["step"] == 123

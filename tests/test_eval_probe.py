@@ -81,7 +81,7 @@ def test_backbone_bitwise_unchanged_after_probe_training(data, checkpoint, tmp_p
     assert all(not p.requires_grad for p in trainer.features.parameters())
 
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert record["protocol"] == "linear_probe"
+    assert record["protocol"] == "linprobe"
     assert record["results"]["backbone_unchanged"] is True
     assert 0 <= record["results"]["top1"] <= 100 and record["results"]["val_images"] == NUM_CLASSES * 8
     assert record["weights"] == {

@@ -340,7 +340,7 @@ def test_checkpoint_of_another_architecture_is_refused(data: Path, tmp_path: Pat
 
 def test_a_probe_head_checkpoint_given_as_weights_is_refused_with_what_to_evaluate(data: Path, tmp_path: Path) -> None:
     head = tmp_path / "head.pt"
-    atomic_save({"format": FORMAT, "kind": "linear_probe", "weights": {"path": "pre.pt"}, "head": {}}, head)
+    atomic_save({"format": FORMAT, "kind": "linprobe", "weights": {"path": "pre.pt"}, "head": {}}, head)
     cfg = load_launch_config(tiny_overrides(data, tmp_path / "exps", f"finetune.checkpoint={head}"))
     with pytest.raises(
         ValidationError, match=r"finetune.checkpoint=.* is not a usable checkpoint: .*head only.*pre\.pt"

@@ -33,13 +33,13 @@ def test_local_pipeline_results_status_and_rerun(tmp_path: Path) -> None:
     console = Console(record=True, width=250, file=io.StringIO())
     (row,) = write_results(tmp_path / "exps", tmp_path / "out", console)
     fast = read_final_metrics(exp / "fastprobe")["results"]
-    assert row.linear == read_final_metrics(exp / "linprobe")["results"]["top1"]
+    assert row.linprobe == read_final_metrics(exp / "linprobe")["results"]["top1"]
     assert row.finetune == read_final_metrics(exp / "finetune")["results"]["top1"]
-    assert (row.fast_probe, row.knn) == (fast["top1"], fast["knn"]["top1"])
+    assert (row.fastprobe, row.knn) == (fast["top1"], fast["knn"]["top1"])
     assert row.wall_time_s and row.wall_time_s > 0 and row.gpu_hours == 0.0 and row.requeues == 0
     assert row.batch == "8 (1x1x8)"  # the tiny preset's 8 images per step on one rank, no accumulation
     markdown = (tmp_path / "out" / "results.md").read_text()
-    assert f"| {row.linear:.1f} | {row.finetune:.1f} |" in markdown and (tmp_path / "out" / "results.csv").is_file()
+    assert f"| {row.linprobe:.1f} | {row.finetune:.1f} |" in markdown and (tmp_path / "out" / "results.csv").is_file()
     assert collate(tmp_path / "exps") == [row]
 
     assert show_status(exp, console) == 4
@@ -59,7 +59,7 @@ def test_results_show_missing_metrics_as_missing(tmp_path: Path) -> None:
         data.update(name="half", config={"pretrain": {"model": {"arch": "vit_base"}, "optim": {"epochs": 300}}})
         data["jobs"] = {"pretrain": {"task": "pretrain", "backend": "local", "state": "RUNNING", "attempts": []}}
     (row,) = collate(tmp_path / "exps")
-    assert (row.linear, row.finetune, row.knn, row.fast_probe, row.wall_time_s) == (None, None, None, None, None)
+    assert (row.linprobe, row.finetune, row.knn, row.fastprobe, row.wall_time_s) == (None, None, None, None, None)
     cells = dict(zip(("experiment", "name", "data", "epochs", "masking", "color"), row.cells(), strict=False))
     assert cells == {
         "experiment": "half",

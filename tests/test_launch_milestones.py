@@ -111,7 +111,7 @@ def test_local_pipeline_evaluates_every_milestone_once(data: Path, tmp_path: Pat
     assert [(r.experiment, r.step) for r in rows] == [("tiny", None), ("tiny", 2), ("tiny", 4), ("tiny", 6)]
     for row, name in zip(rows, names[1:], strict=True):
         fast = metrics[name]["results"]
-        assert (row.fast_probe, row.knn, row.linear, row.finetune) == (fast["top1"], fast["knn"]["top1"], None, None)
+        assert (row.fastprobe, row.knn, row.linprobe, row.finetune) == (fast["top1"], fast["knn"]["top1"], None, None)
     assert rows[0].wall_time_s and rows[1].wall_time_s is None and rows[1].requeues is None
     markdown = to_markdown(rows)
     assert markdown.splitlines()[0].startswith("| experiment | name | pretrain data | epochs |")

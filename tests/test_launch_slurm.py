@@ -69,7 +69,7 @@ def test_two_node_pipeline_runs_evaluations_after_pretraining(slurm_env: SlurmCl
     linear = read_final_metrics(exp / "linprobe")["results"]["top1"]
     finetune = read_final_metrics(exp / "finetune")["results"]["top1"]
     fast = read_final_metrics(exp / "fastprobe")["results"]
-    assert (result.linear, result.finetune, result.fast_probe, result.knn) == (
+    assert (result.linprobe, result.finetune, result.fastprobe, result.knn) == (
         linear, finetune, fast["top1"], fast["knn"]["top1"],
     )  # fmt: skip
     assert (result.name, result.pretrain_data, result.epochs, result.masking, result.color_aug) == (

@@ -37,8 +37,8 @@ def run_checkpoints(run_dir: Path, run: RunConfig) -> CheckpointManager:
 
 class CheckpointedRun:
     """Mixin for the trainers. What it needs is typed below; a trainer lists what its checkpoints hold in
-    `checkpoint_parts()`, and `state_dict()` / `load_state_dict()` here write and restore them; `task` names it in
-    log lines."""
+    `checkpoint_parts()`, and `state_dict()` / `load_state_dict()` here write and restore them; `task`, its name in
+    extrema.tasks, labels its log lines and is its checkpoints' kind."""
 
     task = "run"
     run_dir: Path
@@ -54,8 +54,6 @@ class CheckpointedRun:
     batch_keys: tuple[str, str] | None = ("batch_size", "accum_steps")
     """Where `cfg` keeps the global batch and its accumulation (dotted paths), named so in errors; None for a
     trainer without a batch split (the fast probe: each rank takes its rows of every batch)."""
-    checkpoint_kind: str
-    """The `kind` its checkpoints carry ("pretrain", or an evaluation's protocol)."""
     guard: DivergenceGuard | None = None
     """Set by trainers whose loss can diverge (pretraining, finetune); they also have `model`."""
     cfg: Any
@@ -85,7 +83,7 @@ class CheckpointedRun:
         saved under."""
         header = {
             "format": FORMAT,
-            "kind": self.checkpoint_kind,
+            "kind": self.task,
             "config": dataclasses.asdict(self.cfg),
             "step": self.step,
             "epoch": self.step // self.steps_per_epoch,

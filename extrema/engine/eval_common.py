@@ -17,11 +17,9 @@ from extrema.checkpoint import CheckpointError, backbone_state, is_reference_for
 from extrema.config.common import ModelConfig
 from extrema.models.encoder import ExtremaViT
 from extrema.models.registry import create_encoder
+from extrema.tasks import FINETUNE, PROBES
 
 log = logging.getLogger(__name__)
-
-FINETUNE_KIND = "finetune"
-PROBE_KINDS = ("linear_probe", "fast_probe")
 
 
 # ---- weights -------------------------------------------------------------------------------------------
@@ -54,13 +52,13 @@ def read_eval_weights(path: str | Path, branch: str) -> tuple[dict[str, torch.Te
     """
     ckpt = read_checkpoint(path)
     kind = ckpt.get("kind")
-    if kind in PROBE_KINDS:
+    if kind in PROBES:
         raise CheckpointError(
             f"{path} is a {kind} checkpoint (a classifier head only); evaluate the pretraining checkpoint it "
             f"was trained on ({ckpt.get('weights', {}).get('path', 'recorded in its metrics.json')})"
         )
-    if kind == FINETUNE_KIND:
-        state, fmt, used_branch = ckpt["model"], FINETUNE_KIND, None
+    if kind == FINETUNE:
+        state, fmt, used_branch = ckpt["model"], FINETUNE, None
     else:
         state = backbone_state(ckpt, branch)
         fmt = "reference" if is_reference_format(ckpt) else ("backbone" if kind == "backbone" else "pretrain")
@@ -81,7 +79,7 @@ def architecture_mismatch(
     state, source = read_eval_weights(path, "teacher")
     found = infer_encoder_args(state)
     wanted: dict[str, object] = {"arch": arch, "patch_size": patch_size}
-    if source.format != FINETUNE_KIND:
+    if source.format != FINETUNE:
         wanted["class_attention_layers"] = class_attention_layers
     return {k: (found[k], v) for k, v in wanted.items() if k in found and found[k] != v}
 
@@ -157,7 +155,7 @@ def load_probe_backbone(encoder: ExtremaViT, checkpoint: str | None, branch: str
         log.warning("no checkpoint given: probing a randomly initialised encoder (a baseline)")
         return WeightsSource(None, None, "random")
     state, source = read_eval_weights(checkpoint, branch)
-    if source.format == FINETUNE_KIND:
+    if source.format == FINETUNE:
         raise CheckpointError(
             f"{checkpoint} is a finetuned model: it has no [cls] or class-attention blocks, which the probe's "
             "feature needs; probe the pretraining checkpoint (or its backbone export) instead"

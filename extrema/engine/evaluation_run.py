@@ -3,40 +3,32 @@ that already wrote it for its last step reports it instead of training again."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import torch
 
 from extrema.distributed import all_reduce_sum
-from extrema.engine.base import FINAL_METRICS
 from extrema.engine.metrics_record import dataset_info, write_eval_metrics
 from extrema.engine.run_loop import RunLoop
+from extrema.engine.summary import read_final_metrics
 
 
 class EvaluationRun(RunLoop):
     """A RunLoop that ends in an evaluation's metrics.json.
 
-    The trainer also sets `protocol`, `cfg` (with `.data`, `.batch_size`, `.accum_steps`), `splits` (EvalSplits)
-    and `weights` (WeightsSource).
+    The trainer also sets `task` (written as the record's `protocol`), `cfg` (with `.data`, `.batch_size`,
+    `.accum_steps`), `splits` (EvalSplits) and `weights` (WeightsSource).
     """
 
-    protocol: str
     cfg: Any
     splits: Any
     weights: Any
 
-    @property
-    def checkpoint_kind(self) -> str:
-        """An evaluation's checkpoints carry its protocol as their kind."""
-        return self.protocol
-
     def _finished_metrics(self) -> dict | None:
         """The final metrics of a run that already finished at this step (a requeue reports, never redoes)."""
-        path = self.run_dir / FINAL_METRICS
-        if self.step < self.total_steps or not path.is_file():
+        record = read_final_metrics(self.run_dir) if self.step >= self.total_steps else None
+        if record is None:
             return None
-        record = json.loads(path.read_text())
         return record if record.get("results", {}).get("step") == self.step else None
 
     def _loader_pass(self) -> Any:
@@ -55,7 +47,7 @@ class EvaluationRun(RunLoop):
         data, splits = self.cfg.data, self.splits
         return write_eval_metrics(
             self.run_dir,
-            protocol=self.protocol,
+            protocol=self.task,
             config=self.cfg,
             derived=derived,
             results=results,

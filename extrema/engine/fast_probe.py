@@ -61,12 +61,11 @@ from extrema.optim import apply_schedule
 from extrema.precision import autocast
 from extrema.rng import seed_everything
 from extrema.schedules import LrSchedule, scaled_lr
+from extrema.tasks import FASTPROBE, LINPROBE
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = "fast_probe"
 FEATURE_DIR = "features"
-PROTOCOL_ESTIMATED = "linear_probe"  # what `top1` / `top5` estimate
 TRAIN_VIEWS = {
     "protocol": "one RandomResizedCrop + flip view per image, seeded by the image (features extracted once)",
     "center": "resize + center crop (features extracted once, no augmentation)",
@@ -93,8 +92,7 @@ class FastProbeTrainer(EvaluationRun):
     Its checkpoints hold the head grid only: the feature cache resumes by itself, shard by shard.
     """
 
-    task = "fast probe"
-    protocol = PROTOCOL
+    task = FASTPROBE
     batch_keys = None  # no batch split: each rank takes its rows of every global batch of cached features
 
     def __init__(self, cfg: FastProbeConfig, run_dir: str | Path) -> None:
@@ -148,7 +146,7 @@ class FastProbeTrainer(EvaluationRun):
         self.wall_time = 0.0
         self.timing: dict[str, float] = {}
         self.ckpts = run_checkpoints(self.run_dir, cfg.run)
-        self.logbook = Logbook(self.run_dir, self.dist.is_main, self.total_steps, PROTOCOL)
+        self.logbook = Logbook(self.run_dir, self.dist.is_main, self.total_steps, self.task)
 
     def _fingerprint(self, name: str, dataset: ImageFolderDataset) -> dict:
         classes = hashlib.sha256("\n".join(dataset.classes).encode()).hexdigest()
@@ -347,7 +345,7 @@ class FastProbeTrainer(EvaluationRun):
         # The headline is the estimate of the linear probe; the best-of-grid head is reported beside it.
         estimate = results["protocol_head"]
         results["top1"], results["top5"] = estimate["val_top1"], estimate["val_top5"]
-        results["estimates"] = PROTOCOL_ESTIMATED
+        results["estimates"] = LINPROBE  # what `top1` / `top5` estimate
         if self.cfg.knn:
             bank_x, bank_y = train_x, train_y
             if self.knn_bank != "train":
@@ -362,12 +360,14 @@ class FastProbeTrainer(EvaluationRun):
         self._bank_time()
         chosen = results["chosen"]
         log.info(
-            "fast probe: linear-probe estimate (%s): val top-1 %.2f%%",
+            "%s: linear-probe estimate (%s): val top-1 %.2f%%",
+            self.task,
             self.specs[self.protocol_index].name,
             results["top1"],
         )
         log.info(
-            "fast probe: best of the grid on the held-out rows %s (held-out top-1 %.2f%%): val top-1 %.2f%%",
+            "%s: best of the grid on the held-out rows %s (held-out top-1 %.2f%%): val top-1 %.2f%%",
+            self.task,
             chosen["name"],
             chosen["holdout_top1"],
             chosen["val_top1"],

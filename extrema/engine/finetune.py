@@ -40,7 +40,6 @@ from extrema.engine.base import StopRequested, run_length
 from extrema.engine.checkpointed import run_checkpoints
 from extrema.engine.divergence import DivergenceGuard
 from extrema.engine.eval_common import (
-    FINETUNE_KIND,
     WeightsSource,
     build_encoder,
     load_protocol_weights,
@@ -56,10 +55,9 @@ from extrema.optim import apply_schedule, fused_adamw
 from extrema.precision import autocast, make_scaler
 from extrema.rng import capture_rng_state, restore_rng_state, seed_everything
 from extrema.schedules import LrSchedule, scaled_lr
+from extrema.tasks import FINETUNE
 
 log = logging.getLogger(__name__)
-
-PROTOCOL = FINETUNE_KIND
 
 
 def finetune_transforms(cfg: FinetuneConfig) -> tuple:
@@ -119,8 +117,7 @@ def load_finetune_weights(model: FinetuneViT, checkpoint: str | None, branch: st
 class FinetuneTrainer(EvaluationRun):
     """End-to-end finetuning; follows the Trainer protocol of `extrema.engine.base`."""
 
-    task = "finetune"
-    protocol = PROTOCOL
+    task = FINETUNE
 
     def __init__(self, cfg: FinetuneConfig, run_dir: str | Path) -> None:
         self._open(cfg, run_dir)  # the batch split first: an impossible one fails before any weights are read
@@ -159,7 +156,7 @@ class FinetuneTrainer(EvaluationRun):
         self.criterion = build_criterion(cfg)
 
         self.batch_plan = self._measured_plan()
-        log.info("finetune: %s", self.batch_plan)
+        log.info("%s: %s", self.task, self.batch_plan)
         self.loader = train_loader(
             self.splits.train, per_rank, self.dist, cfg.data, cfg.run.seed, draws=self._image_draws()
         )
@@ -176,7 +173,7 @@ class FinetuneTrainer(EvaluationRun):
         self.guard = DivergenceGuard(cfg.run.precision, cfg.run.max_skipped_steps)
         self.best: dict = {}
         self.ckpts = run_checkpoints(self.run_dir, cfg.run)
-        self.logbook = Logbook(self.run_dir, self.dist.is_main, self.total_steps, PROTOCOL)
+        self.logbook = Logbook(self.run_dir, self.dist.is_main, self.total_steps, self.task)
 
     def _trial_step(self, micro_batch: int) -> None:
         """Forward + backward of `micro_batch` blank images in training mode, leaving no gradient or state behind:
@@ -294,7 +291,7 @@ class FinetuneTrainer(EvaluationRun):
             results["ema"] = self.evaluate(self.ema.module)
         results["step"] = self.step
         self._bank_time()
-        log.info("finetune: top-1 %.2f%%, top-5 %.2f%%", results["top1"], results["top5"])
+        log.info("%s: top-1 %.2f%%, top-5 %.2f%%", self.task, results["top1"], results["top5"])
         derived = {
             "peak_lr": self.peak_lr,
             "batch": self.batch_plan.as_dict(),

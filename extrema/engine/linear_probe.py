@@ -45,17 +45,15 @@ from extrema.optim import apply_schedule
 from extrema.precision import autocast
 from extrema.rng import capture_rng_state, restore_rng_state, seed_everything
 from extrema.schedules import LrSchedule, scaled_lr
+from extrema.tasks import LINPROBE
 
 log = logging.getLogger(__name__)
-
-PROTOCOL = "linear_probe"
 
 
 class LinearProbeTrainer(EvaluationRun):
     """Trains the probe head on frozen features; follows the Trainer protocol of `extrema.engine.base`."""
 
-    task = "linear probe"
-    protocol = PROTOCOL
+    task = LINPROBE
 
     def __init__(self, cfg: LinearProbeConfig, run_dir: str | Path) -> None:
         self._open(cfg, run_dir)  # the batch split first: an impossible one fails before any weights are read
@@ -78,7 +76,7 @@ class LinearProbeTrainer(EvaluationRun):
             self.head.parameters(), lr=self.peak_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
         self.batch_plan = self._measured_plan()
-        log.info("linear probe: %s", self.batch_plan)
+        log.info("%s: %s", self.task, self.batch_plan)
         self.loader = train_loader(self.splits.train, self.batch_plan.per_rank, self.dist, cfg.data, cfg.run.seed)
         self.steps_per_epoch = self.loader.steps_per_epoch
         schedule_steps = cfg.epochs * self.steps_per_epoch
@@ -91,7 +89,7 @@ class LinearProbeTrainer(EvaluationRun):
         self.step = 0
         self.wall_time = 0.0
         self.ckpts = run_checkpoints(self.run_dir, cfg.run)
-        self.logbook = Logbook(self.run_dir, self.dist.is_main, self.total_steps, PROTOCOL)
+        self.logbook = Logbook(self.run_dir, self.dist.is_main, self.total_steps, self.task)
 
     def _trial_step(self, micro_batch: int) -> None:
         """The frozen backbone's forward on `micro_batch` blank images (no gradient, no state, no random draw)."""
@@ -176,7 +174,7 @@ class LinearProbeTrainer(EvaluationRun):
         results["backbone_unchanged"] = True
         results["step"] = self.step
         record = self._write_metrics(self._derived(), results)
-        log.info("linear probe: top-1 %.2f%%, top-5 %.2f%%", results["top1"], results["top5"])
+        log.info("%s: top-1 %.2f%%, top-5 %.2f%%", self.task, results["top1"], results["top5"])
         return record
 
     def _derived(self) -> dict:

@@ -36,6 +36,7 @@ from extrema.optim import apply_schedule, build_adamw
 from extrema.precision import autocast, make_scaler
 from extrema.rng import capture_rng_state, restore_generator, restore_rng_state, seed_everything
 from extrema.schedules import LrSchedule, ema_momentum, scaled_lr
+from extrema.tasks import PRETRAIN
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,7 @@ def initial_model(cfg: PretrainConfig) -> ExtremaModel:
 class PretrainTrainer(RunLoop):
     """ExtreMA pretraining on one process, or on every rank of a process group (DDP)."""
 
-    task = "pretraining"
-    checkpoint_kind = "pretrain"
+    task = PRETRAIN
     batch_keys = ("optim.batch_size", "optim.accum_steps")
 
     def __init__(self, cfg: PretrainConfig, run_dir: str | Path, data: PretrainData | None = None) -> None:
@@ -93,11 +93,11 @@ class PretrainTrainer(RunLoop):
         )
         self.scaler = make_scaler(cfg.run.precision, self.device)
         self.batch_plan = self._measured_plan()
-        log.info("pretraining: %s", self.batch_plan)
+        log.info("%s: %s", self.task, self.batch_plan)
         self.net = self._wrap(self.model)
         self.step = 0  # optimizer steps done
         self.ckpts = run_checkpoints(self.run_dir, cfg.run)
-        self.logbook = Logbook(self.run_dir, self.dist.is_main, self.total_steps, "pretrain")
+        self.logbook = Logbook(self.run_dir, self.dist.is_main, self.total_steps, self.task)
         self.wall_time = 0.0  # seconds of training, summed over every attempt
         self.guard = DivergenceGuard(cfg.run.precision, cfg.run.max_skipped_steps)
 
@@ -233,7 +233,7 @@ class PretrainTrainer(RunLoop):
     def _finish(self) -> dict:
         """Export the backbones and write the run's summary (main rank)."""
         summary = {
-            "task": "pretrain",
+            "task": self.task,
             "steps": self.step,
             "epochs": self.epoch_float,
             "wall_time_s": self.wall_time,

@@ -13,6 +13,7 @@ from hydra.core.config_store import ConfigStore
 
 from extrema.config import FastProbeConfig, FinetuneConfig, LinearProbeConfig, PretrainConfig
 from extrema.config.common import check_choice, check_positive
+from extrema.tasks import EVALUATIONS, FASTPROBE, TASK_NAMES
 from jobs.spec import JobSpec
 from launch.backends.script_safety import (
     check_env,
@@ -24,8 +25,6 @@ from launch.backends.script_safety import (
 
 BACKENDS = ("local", "slurm")
 LOCAL_EXECUTORS = ("submitit", "inprocess")
-EVALUATIONS = ("linprobe", "fastprobe", "finetune")
-TASKS = ("pretrain", *EVALUATIONS)
 
 
 @dataclass
@@ -154,7 +153,7 @@ class PipelineConfig:
     """Also evaluate the milestone checkpoints at every multiple of this step before the final one: one job per
     milestone and evaluation (afterok on pretraining). A multiple of pretrain.run.save_every_steps; sets
     pretrain.run.keep_every_steps so pruning spares them. None = the final checkpoint only."""
-    milestone_evaluations: list[str] = field(default_factory=lambda: ["fastprobe"])
+    milestone_evaluations: list[str] = field(default_factory=lambda: [FASTPROBE])
     """Evaluations of each milestone checkpoint (fastprobe includes kNN; linprobe and finetune cost as much
     as the final ones)."""
     amend: bool = False
@@ -199,7 +198,7 @@ class LaunchConfig:
         check_path_component("name", self.name)  # the experiment's folder and its jobs' names
         check_no_control("root", self.root)
         # Settled here, where the tasks' devices are known: a CPU preset on a GPU workstation stays one CPU rank.
-        self.cluster.resolve_gpus(any(self.task_config(t).run.device != "cpu" for t in TASKS))
+        self.cluster.resolve_gpus(any(self.task_config(t).run.device != "cpu" for t in TASK_NAMES))
         every = self.pipeline.eval_every_steps
         if every is None:
             return
@@ -222,7 +221,7 @@ class LaunchConfig:
             )
 
     def task_config(self, task: str):
-        """The typed config of one task (pretrain, linprobe, fastprobe, finetune)."""
+        """The typed config of one task (a name of extrema.tasks: its section here has that name)."""
         return getattr(self, task)
 
 

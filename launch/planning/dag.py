@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from extrema.tasks import EVALUATIONS, PRETRAIN
 from launch.config.schema import LaunchConfig
 from launch.planning.experiment import Experiment
 
@@ -34,13 +35,13 @@ class JobNode:
 def build_dag(cfg: LaunchConfig, command: str, exp: Experiment) -> list[JobNode]:
     """The jobs of `command` (pretrain, linprobe, fastprobe, finetune or pipeline), dependencies first."""
     c = cfg.cluster
-    pretrain = JobNode("pretrain", "pretrain", cfg.pretrain, [], c.nodes, c.time_limit_min)
-    if command == "pretrain":
+    pretrain = JobNode(PRETRAIN, PRETRAIN, cfg.pretrain, [], c.nodes, c.time_limit_min)
+    if command == PRETRAIN:
         return [pretrain]
     if command == "pipeline":
         evals = [_evaluation(cfg, name, exp, depends=True) for name in cfg.pipeline.evaluations]
         return [pretrain, *evals]
-    if command in ("linprobe", "fastprobe", "finetune"):
+    if command in EVALUATIONS:
         return [_evaluation(cfg, command, exp, depends=False)]
     raise ValueError(f"unknown command {command!r}")
 
@@ -49,12 +50,12 @@ def _evaluation(cfg: LaunchConfig, task: str, exp: Experiment, depends: bool) ->
     task_cfg = cfg.task_config(task)
     if depends or task_cfg.checkpoint is None:
         # The experiment's own pretraining: resolved to its newest checkpoint when the job starts.
-        task_cfg = dataclasses.replace(task_cfg, checkpoint=str(exp.run_dir("pretrain")))
+        task_cfg = dataclasses.replace(task_cfg, checkpoint=str(exp.run_dir(PRETRAIN)))
     return JobNode(
         task,
         task,
         task_cfg,
-        ["pretrain"] if depends else [],
+        [PRETRAIN] if depends else [],
         cfg.cluster.eval_nodes,
         cfg.cluster.eval_time_limit_min,
     )

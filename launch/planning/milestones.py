@@ -16,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from launch.config.schema import EVALUATIONS, LaunchConfig
+from extrema.tasks import EVALUATIONS, PRETRAIN
+from launch.config.schema import LaunchConfig
 from launch.planning.dag import JobNode
 from launch.planning.experiment import Experiment
 
@@ -47,12 +48,12 @@ def milestone_evaluations(cfg: LaunchConfig, exp: Experiment) -> list[JobNode]:
     from extrema.engine.pretrain_data import pretrain_total_steps
 
     every = cfg.pipeline.eval_every_steps
-    checkpoints = CheckpointManager(exp.run_dir("pretrain") / CHECKPOINT_DIR)
+    checkpoints = CheckpointManager(exp.run_dir(PRETRAIN) / CHECKPOINT_DIR)
     c = cfg.cluster
     nodes = []
     for step in milestone_steps(every, pretrain_total_steps(cfg.pretrain)):
         for task in cfg.pipeline.milestone_evaluations:
             task_cfg = dataclasses.replace(cfg.task_config(task), checkpoint=str(checkpoints.path_for(step)))
             name = milestone_job_name(task, step)
-            nodes.append(JobNode(name, task, task_cfg, ["pretrain"], c.eval_nodes, c.eval_time_limit_min))
+            nodes.append(JobNode(name, task, task_cfg, [PRETRAIN], c.eval_nodes, c.eval_time_limit_min))
     return nodes

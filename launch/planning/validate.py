@@ -16,6 +16,7 @@ from extrema.batching import AccumSetting, plan_batch
 from extrema.data import decode_image
 from extrema.data.filelist import FileList, load_or_scan
 from extrema.engine.eval_common import check_same_classes
+from extrema.tasks import FASTPROBE, PRETRAIN
 from launch.config.schema import LaunchConfig
 from launch.planning.dag import JobNode
 
@@ -35,10 +36,10 @@ def job_batch_keys(node: JobNode) -> tuple[int, AccumSetting, str, str]:
     the ranks (accumulation 1; it has no accum_steps key).
     """
     t = node.task
-    if t == "pretrain":
+    if t == PRETRAIN:
         o = node.config.optim
         return o.batch_size, o.accum_steps, f"{t}.optim.batch_size", f"{t}.optim.accum_steps"
-    accum = 1 if t == "fastprobe" else node.config.accum_steps
+    accum = 1 if t == FASTPROBE else node.config.accum_steps
     return node.config.batch_size, accum, f"{t}.batch_size", f"{t}.accum_steps"
 
 
@@ -63,7 +64,7 @@ def check_batch_divisible(cfg: LaunchConfig, nodes: list[JobNode]) -> None:
                 accum_key=accum_key,
             )
         except ValueError as exc:
-            nodes_key = "cluster.nodes" if node.task == "pretrain" else "cluster.eval_nodes"
+            nodes_key = "cluster.nodes" if node.task == PRETRAIN else "cluster.eval_nodes"
             raise ValidationError(
                 f"{exc} (job {node.name} has {ranks} rank(s) = {node.nodes} node(s) ({nodes_key}) x "
                 f"cluster.tasks_per_node={tasks_per_node})"
@@ -126,7 +127,7 @@ def check_data(nodes: list[JobNode], seen: set[tuple[str, tuple[str, ...]]]) -> 
     gets these)."""
     for node in nodes:
         data = node.config.data
-        splits = ("train",) if node.task == "pretrain" else ("train", "val")
+        splits = ("train",) if node.task == PRETRAIN else ("train", "val")
         if (data.root, splits) not in seen:
             seen.add((data.root, splits))
             check_data_folder(data.root, f"the data of {node.name} ({node.task}.data.root)", data.cache_dir, splits)
@@ -154,12 +155,12 @@ def check_checkpoint_architecture(path: str, model, what: str) -> None:
 def check_checkpoints(nodes: list[JobNode], pretrain_run_dir: Path) -> None:
     """User-given checkpoints (init_from, evaluation checkpoints) exist and fit; pipeline ones are skipped."""
     for node in nodes:
-        if node.task == "pretrain":
+        if node.task == PRETRAIN:
             if node.config.init_from:
                 check_checkpoint_architecture(node.config.init_from, node.config.model, "pretrain.init_from")
             continue
         ckpt = node.config.checkpoint
-        if ckpt is None or "pretrain" in node.depends_on:
+        if ckpt is None or PRETRAIN in node.depends_on:
             continue  # made by this pipeline's pretraining; it does not exist yet
         if Path(ckpt) == pretrain_run_dir:
             from jobs.tasks import newest_checkpoint

@@ -6,7 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from extrema.engine.base import FINAL_METRICS, METRICS_LOG
+from extrema.engine.base import METRICS_LOG
+from extrema.engine.summary import read_final_metrics as read_metrics_record
 from jobs.runner import PROGRESS_FILE
 
 
@@ -74,11 +75,8 @@ def read_progress(run_dir: Path) -> Progress:
 
 
 def read_final_metrics(run_dir: Path) -> dict | None:
-    """The task's metrics.json, None when it is not there (yet)."""
-    path = run_dir / FINAL_METRICS
-    if not path.is_file():
-        return None
+    """The task's metrics.json (former task names read as today's), None when it is not there (yet) or unreadable."""
     try:
-        return json.loads(path.read_text())
+        return read_metrics_record(run_dir)
     except json.JSONDecodeError:
         return None

@@ -26,15 +26,20 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from extrema.tasks import EVALUATIONS, FASTPROBE, FINETUNE, LINPROBE, PRETRAIN
 from jobs.manifest import JobEntry, Manifest, job_entries
 from launch.planning.milestones import parse_milestone_job
 from launch.reporting.progress import read_final_metrics
 from launch.reporting.status import JobStatus, batch_split, collect, find_experiments, format_duration
 
 MISSING = "-"
+KNN = "knn"
+ACCURACY_HEADINGS = {LINPROBE: "linear", FINETUNE: "finetune", KNN: "kNN", FASTPROBE: "linear (fast est.)"}
+"""The accuracy columns: ResultRow field (the evaluation's task name; kNN is the fast probe's) -> heading."""
 COLUMNS = (
     "experiment", "name", "pretrain data", "epochs", "masking", "color-aug", "wall time",
-    "linear", "finetune", "GPU-hours", "requeues", "kNN", "linear (fast est.)", "amended", "batch",
+    ACCURACY_HEADINGS[LINPROBE], ACCURACY_HEADINGS[FINETUNE], "GPU-hours", "requeues",
+    ACCURACY_HEADINGS[KNN], ACCURACY_HEADINGS[FASTPROBE], "amended", "batch",
 )  # fmt: skip
 _MODEL_NAMES = {"vit_tiny": "ViT-Tiny", "vit_small": "ViT-Small", "vit_base": "ViT-Base", "vit_large": "ViT-Large"}
 
@@ -51,12 +56,13 @@ class ResultRow:
     color_aug: str | None
     wall_time_s: float | None
     """Seconds, summed over every attempt of the pretraining job."""
-    linear: float | None
+    linprobe: float | None
     finetune: float | None
     gpu_hours: float | None
     requeues: int | None
     knn: float | None
-    fast_probe: float | None
+    fastprobe: float | None
+    """The fast probe's estimate of the linear probe."""
     step: int | None = None
     """Pretraining step of the evaluated milestone checkpoint; None = the final checkpoint."""
     amendments: int = 0
@@ -78,12 +84,12 @@ class ResultRow:
             self.masking or MISSING,
             self.color_aug or MISSING,
             MISSING if self.wall_time_s is None else format_duration(self.wall_time_s),
-            num(self.linear, ".1f"),
+            num(self.linprobe, ".1f"),
             num(self.finetune, ".1f"),
             num(self.gpu_hours, ".2f"),
             MISSING if self.requeues is None else str(self.requeues),
             num(self.knn, ".1f"),
-            num(self.fast_probe, ".1f"),
+            num(self.fastprobe, ".1f"),
             str(self.amendments),
             self.batch or MISSING,
         ]
@@ -98,13 +104,15 @@ def _top1(metrics: dict | None, *path: str) -> float | None:
     return float(node) if isinstance(node, (int, float)) else None
 
 
-def _evaluation_columns(linprobe: dict | None, finetune: dict | None, fastprobe: dict | None) -> dict:
-    """The accuracy columns of a row, from the evaluations' metrics.json records (None = not run)."""
+def _evaluation_columns(records: dict[str, dict | None]) -> dict:
+    """The accuracy columns of a row, from the evaluations' metrics.json records by task name (absent or None =
+    not run)."""
+    fastprobe = records.get(FASTPROBE)
     return {
-        "linear": _top1(linprobe, "top1"),
-        "finetune": _top1(finetune, "top1"),
-        "knn": _top1(fastprobe, "knn", "top1"),
-        "fast_probe": _top1(fastprobe, "top1"),
+        LINPROBE: _top1(records.get(LINPROBE), "top1"),
+        FINETUNE: _top1(records.get(FINETUNE), "top1"),
+        KNN: _top1(fastprobe, "knn", "top1"),
+        FASTPROBE: _top1(fastprobe, "top1"),
     }
 
 
@@ -113,7 +121,7 @@ def experiment_row(experiment_dir: Path, data: dict | None = None) -> ResultRow:
     its run folders, time from SLURM."""
     data = Manifest(experiment_dir).read() if data is None else data
     config = data.get("config", {})
-    pre = config.get("pretrain", {})
+    pre = config.get(PRETRAIN, {})
     mask = pre.get("mask", {})
     jobs = job_entries(data)
     statuses, _ = collect(experiment_dir)
@@ -123,12 +131,12 @@ def experiment_row(experiment_dir: Path, data: dict | None = None) -> ResultRow:
         entry = jobs.get(job)
         return read_final_metrics(experiment_dir / entry.run_dir) if entry else None
 
-    pretrain_status = by_name.get("pretrain")
-    pretrain_metrics = metrics("pretrain")
+    pretrain_status = by_name.get(PRETRAIN)
+    pretrain_metrics = metrics(PRETRAIN)
     wall_s = pretrain_status.elapsed_s if pretrain_status and pretrain_status.elapsed_s else None
     if wall_s is None and pretrain_metrics:
         wall_s = pretrain_metrics.get("wall_time_s")
-    pretrain = jobs.get("pretrain")
+    pretrain = jobs.get(PRETRAIN)
     gpus = (pretrain.nodes or 1) * (pretrain.gpus_per_node or 0) if pretrain else 0
     ratio, count = mask.get("ratio"), mask.get("num_masks")
     if pretrain is None:  # evaluations of weights from elsewhere (a random init, a reference file):
@@ -145,7 +153,7 @@ def experiment_row(experiment_dir: Path, data: dict | None = None) -> ResultRow:
         requeues=pretrain_status.requeues if pretrain_status else None,
         amendments=len(data.get("amendments", [])),
         batch=batch_summary(pretrain_status.attempts) if pretrain_status else None,
-        **_evaluation_columns(metrics("linprobe"), metrics("finetune"), metrics("fastprobe")),
+        **_evaluation_columns({task: metrics(task) for task in EVALUATIONS}),
     )
 
 
@@ -174,8 +182,7 @@ def milestone_rows(experiment_dir: Path, final: ResultRow, jobs: dict[str, JobEn
             by_step.setdefault(step, {})[task] = read_final_metrics(experiment_dir / entry.run_dir)
     rows = []
     for step in sorted(by_step):
-        m = by_step[step]
-        columns = _evaluation_columns(m.get("linprobe"), m.get("finetune"), m.get("fastprobe"))
+        columns = _evaluation_columns(by_step[step])
         rows.append(
             dataclasses.replace(
                 final, step=step, wall_time_s=None, gpu_hours=None, requeues=None, batch=None, **columns
@@ -219,9 +226,7 @@ def to_csv(rows: list[ResultRow]) -> str:
 def to_rich(rows: list[ResultRow], title: str) -> Table:
     table = Table(title=title, title_justify="left")
     for column in COLUMNS:
-        table.add_column(
-            column, justify="right" if column in ("linear", "finetune", "kNN", "linear (fast est.)") else "left"
-        )
+        table.add_column(column, justify="right" if column in ACCURACY_HEADINGS.values() else "left")
     for r in rows:
         table.add_row(*map(escape, r.cells()))  # names and paths are the user's text, never markup
     return table
