@@ -1,6 +1,6 @@
 """Pieces every evaluation protocol shares: weight loading with an explicit replace-list, the configured encoder,
-the runtime setup, class-list checks, top-k counting and a weights fingerprint. The evaluation models themselves
-live in extrema.models (classifier, frozen, head_grid)."""
+class-list checks, top-k counting and a weights fingerprint. The evaluation models themselves live in
+extrema.models (classifier, frozen, head_grid), the process setup in extrema.engine.runtime."""
 
 from __future__ import annotations
 
