@@ -165,6 +165,10 @@ def test_every_cluster_knob_reaches_the_batch_script(tmp_path: Path) -> None:
         (["pretrain.run.deterministic=maybe"], "Value 'maybe' is not a valid bool"),
         (["pretrain.run.stop_check_s=-1"], "run.stop_check_s=-1.0 must be >= 0"),
         (["finetune.run.max_skipped_steps=0"], "run.max_skipped_steps=0 must be > 0"),
+        (["finetune.layer_decay=0"], "layer_decay=0.0 must be in (0, 1]"),
+        (["finetune.mixup_prob=1.5"], "mixup_prob=1.5 must be in [0, 1]"),
+        (["fastprobe.holdout_fraction=1"], "holdout_fraction=1.0 must be in (0, 1)"),
+        (["pretrain.model.drop_path_rate=1"], "model.drop_path_rate=1.0 must be in [0, 1)"),
     ],
 )
 def test_bad_config_values_fail_with_a_message_that_names_them(overrides: list[str], message: str) -> None:

@@ -24,6 +24,16 @@ def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ValueError(f"{name}={value} must be {'>= 0' if allow_zero else '> 0'}")
 
 
+def check_interval(name: str, value: float, interval: str) -> None:
+    """Raise a ValueError unless value lies in `interval`, written as in the message: "[0, 1)", "(0, 1]" ...
+    (nan lies in none)."""
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    above_low = value >= low if interval[0] == "[" else value > low
+    below_high = value <= high if interval[-1] == "]" else value < high
+    if not (above_low and below_high):
+        raise ValueError(f"{name}={value} must be in {interval}")
+
+
 @dataclass
 class ModelConfig:
     """Encoder and heads."""
@@ -51,8 +61,7 @@ class ModelConfig:
         check_choice("model.arch", self.arch, tuple(ENCODER_SIZES))
         if self.img_size % self.patch_size:
             raise ValueError(f"model.img_size={self.img_size} is not a multiple of model.patch_size={self.patch_size}")
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"model.drop_path_rate={self.drop_path_rate} must be in [0, 1)")
+        check_interval("model.drop_path_rate", self.drop_path_rate, "[0, 1)")
         for name in ("class_attention_layers", "proj_dim", "mlp_dim"):
             check_positive(f"model.{name}", getattr(self, name))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from extrema.batching import check_accum_setting
-from extrema.config.common import DataConfig, ModelConfig, RunConfig, check_choice, check_positive
+from extrema.config.common import DataConfig, ModelConfig, RunConfig, check_choice, check_interval, check_positive
 
 BRANCHES = ("teacher", "student")
 FEATURE_DTYPES = ("float16", "float32")
@@ -73,8 +73,7 @@ class LinearProbeConfig:
             check_positive(name, getattr(self, name))
         for name in ("min_lr", "weight_decay", "eval_every_epochs"):
             check_positive(name, getattr(self, name), allow_zero=True)
-        if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"momentum={self.momentum} must be in [0, 1)")
+        check_interval("momentum", self.momentum, "[0, 1)")
         check_accum_setting("accum_steps", self.accum_steps)
 
 
@@ -134,10 +133,8 @@ class FastProbeConfig:
             raise ValueError(f"lrs={list(self.lrs)} must be a non-empty list of positive learning rates")
         if not self.batchnorm or len(set(self.batchnorm)) != len(self.batchnorm):
             raise ValueError(f"batchnorm={list(self.batchnorm)} must list True and/or False, each once")
-        if not 0.0 < self.holdout_fraction < 1.0:
-            raise ValueError(f"holdout_fraction={self.holdout_fraction} must be in (0, 1)")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"momentum={self.momentum} must be in [0, 1)")
+        check_interval("holdout_fraction", self.holdout_fraction, "(0, 1)")
+        check_interval("momentum", self.momentum, "[0, 1)")
 
 
 def _finetune_model() -> ModelConfig:
@@ -229,18 +226,13 @@ class FinetuneConfig:
             check_positive(name, getattr(self, name))
         for name in ("min_lr", "weight_decay", "mixup", "cutmix", "color_jitter", "eval_every_epochs"):
             check_positive(name, getattr(self, name), allow_zero=True)
-        if not 0.0 < self.layer_decay <= 1.0:
-            raise ValueError(f"layer_decay={self.layer_decay} must be in (0, 1]")
         for name in ("reprob", "smoothing", "beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
+            check_interval(name, getattr(self, name), "[0, 1)")
         for name in ("mixup_prob", "mixup_switch_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
-        if not 0.0 < self.crop_pct <= 1.0:
-            raise ValueError(f"crop_pct={self.crop_pct} must be in (0, 1]")
-        if not 0.0 < self.model_ema_decay < 1.0:
-            raise ValueError(f"model_ema_decay={self.model_ema_decay} must be in (0, 1)")
+            check_interval(name, getattr(self, name), "[0, 1]")
+        for name in ("layer_decay", "crop_pct"):
+            check_interval(name, getattr(self, name), "(0, 1]")
+        check_interval("model_ema_decay", self.model_ema_decay, "(0, 1)")
         if self.clip_grad is not None:
             check_positive("clip_grad", self.clip_grad)
         check_accum_setting("accum_steps", self.accum_steps)

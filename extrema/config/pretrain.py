@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from extrema.batching import check_accum_setting
-from extrema.config.common import DataConfig, ModelConfig, RunConfig, check_choice, check_positive
+from extrema.config.common import DataConfig, ModelConfig, RunConfig, check_choice, check_interval, check_positive
 from extrema.models.siamese import CONTRAST_TEMPERATURE
 
 AUGMENTATIONS = ("color", "spatial", "center")
@@ -115,6 +115,5 @@ class PretrainConfig:
         check_choice("augmentation", self.augmentation, AUGMENTATIONS)
         check_choice("loss", self.loss, LOSS_NAMES)
         check_infonce_accumulation(self.loss, self.optim.accum_steps)
-        if not 0.0 <= self.momentum <= 1.0:
-            raise ValueError(f"momentum={self.momentum} must be in [0, 1]")
+        check_interval("momentum", self.momentum, "[0, 1]")
         check_mask_settings(self.model.num_tokens, self.mask.ratio, self.mask.num_masks, self.mask.disjoint)

@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 import torch
 
+from extrema.config.common import check_interval, check_positive
+
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 """Op ids, as torchvision's ColorJitter numbers them; `ColorAugmentParams.order` lists them."""
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -40,13 +42,10 @@ class ColorAugmentSpec:
 
     def __post_init__(self) -> None:
         for name in ("brightness", "contrast", "saturation"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
-        if not 0 <= self.hue <= 0.5:
-            raise ValueError(f"hue={self.hue} must be in [0, 0.5]")
+            check_positive(name, getattr(self, name), allow_zero=True)
+        check_interval("hue", self.hue, "[0, 0.5]")
         for name in ("jitter_p", "grayscale_p"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
+            check_interval(name, getattr(self, name), "[0, 1]")
 
     def ranges(self) -> list[tuple[float, float] | None]:
         """Factor range per op id; None for an op of strength 0 (never applied, draws nothing)."""
