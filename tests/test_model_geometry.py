@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from extrema.config.common import ModelConfig
-from extrema.engine.eval_common import build_encoder
+from extrema.engine.eval_weights import build_encoder
 from extrema.models.registry import ENCODER_SIZES
 
 SIZES = sorted(a for a, s in ENCODER_SIZES.items() if s.embed_dim <= ENCODER_SIZES["vit_small"].embed_dim)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from extrema.checkpoint import FORMAT, CheckpointError, atomic_save, read_checkpoint
-from extrema.engine.eval_common import read_eval_weights
+from extrema.engine.eval_weights import read_eval_weights
 from extrema.engine.summary import read_final_metrics
 from extrema.tasks import TASK_NAMES, current_task_name
 from jobs.tasks import TASKS

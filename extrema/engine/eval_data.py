@@ -3,7 +3,7 @@ and validation sharded over ranks without padding (so that every image counts ex
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +15,20 @@ from extrema.config.common import DataConfig
 from extrema.data import ImageFolderDataset, ResumableDistributedSampler, ResumableLoader, build_loader, split_root
 from extrema.data.workers import ignore_stop_signals, iterate_workers
 from extrema.distributed import DistInfo, is_distributed
-from extrema.engine.eval_common import check_same_classes
+from extrema.text import summarise
+
+
+def check_same_classes(train_classes: Sequence[str], val_classes: Sequence[str]) -> None:
+    """Raise a ValueError naming the difference when train and val do not hold the same class folders."""
+    if list(train_classes) == list(val_classes):
+        return
+    only_train = sorted(set(train_classes) - set(val_classes))
+    only_val = sorted(set(val_classes) - set(train_classes))
+    raise ValueError(
+        "train/ and val/ must hold the same class folders (labels are the sorted folder names): "
+        f"only in train/: {summarise(only_train)}; only in val/: {summarise(only_val)}. "
+        "Add or remove class folders so both splits list the same classes."
+    )
 
 
 @dataclass

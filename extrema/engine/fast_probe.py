@@ -40,15 +40,11 @@ import torch
 from extrema.config.evaluation import FastProbeConfig
 from extrema.data import ImageFolderDataset, OneViewPerImage, make_eval_transform
 from extrema.distributed import all_reduce_sum
+from extrema.engine.accuracy import topk_correct
 from extrema.engine.base import StopRequested, run_length
 from extrema.engine.checkpointed import run_checkpoints
-from extrema.engine.eval_common import (
-    build_encoder,
-    load_probe_backbone,
-    topk_correct,
-    weights_digest,
-)
 from extrema.engine.eval_data import EvalSplits, open_splits
+from extrema.engine.eval_weights import build_encoder, load_probe_backbone, weights_digest
 from extrema.engine.evaluation_run import EvaluationRun
 from extrema.engine.feature_cache import FeatureCache, shard_bounds
 from extrema.engine.head_grid import GridSGD, grid_loss, grid_topk_correct, sum_over_ranks_, with_protocol_head

@@ -36,17 +36,12 @@ from extrema.data import IMAGENET_MEAN, IMAGENET_STD
 from extrema.data.randaugment import keep_zero_bit_posterize
 from extrema.data.sample_draws import StudentDraws
 from extrema.distributed import is_distributed
+from extrema.engine.accuracy import topk_correct
 from extrema.engine.base import StopRequested, run_length
 from extrema.engine.checkpointed import run_checkpoints
 from extrema.engine.divergence import DivergenceGuard
-from extrema.engine.eval_common import (
-    WeightsSource,
-    build_encoder,
-    load_protocol_weights,
-    read_eval_weights,
-    topk_correct,
-)
 from extrema.engine.eval_data import open_splits, sum_over_ranks, train_loader, val_batches
+from extrema.engine.eval_weights import WeightsSource, build_encoder, load_protocol_weights, read_eval_weights
 from extrema.engine.evaluation_run import EvaluationRun
 from extrema.engine.logbook import Logbook
 from extrema.engine.state_parts import DictAttribute, OptionalPart, RankStreams, Record, Stateful

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from extrema.distributed import is_distributed
+from extrema.engine.accuracy import topk_hits
 from extrema.models.head_grid import HeadGrid, HeadSpec
 
 
@@ -91,14 +92,11 @@ def grid_topk_correct(
     """Per head, how many rows have their target among the top-k logits (eval mode): {k: (H,) counts}."""
     was_training = grid.training
     grid.eval()
-    num_classes = grid.weight.shape[1]
     counts = {k: torch.zeros(len(grid.specs), dtype=torch.long, device=grid.weight.device) for k in ks}
     for start in range(0, features.shape[0], batch_size):
         x = features[start : start + batch_size].to(grid.weight.device, torch.float32)
         y = targets[start : start + batch_size].to(grid.weight.device)
-        top = grid(x).topk(min(max(ks), num_classes), dim=-1).indices  # (H, B, kmax)
-        hit = top == y[None, :, None]
-        for k in ks:
-            counts[k] += hit[..., : min(k, num_classes)].any(dim=-1).sum(dim=1)
+        for k, hits in topk_hits(grid(x), y, ks).items():  # grid(x): (H, B, C)
+            counts[k] += hits
     grid.train(was_training)
     return counts

@@ -27,15 +27,11 @@ from extrema.batching import split_batch
 from extrema.config.evaluation import LinearProbeConfig
 from extrema.data import make_eval_transform
 from extrema.distributed import is_distributed
+from extrema.engine.accuracy import topk_correct
 from extrema.engine.base import StopRequested, run_length
 from extrema.engine.checkpointed import run_checkpoints
-from extrema.engine.eval_common import (
-    build_encoder,
-    load_probe_backbone,
-    topk_correct,
-    weights_digest,
-)
 from extrema.engine.eval_data import open_splits, sum_over_ranks, train_loader, val_batches
+from extrema.engine.eval_weights import build_encoder, load_probe_backbone, weights_digest
 from extrema.engine.evaluation_run import EvaluationRun
 from extrema.engine.logbook import Logbook
 from extrema.engine.state_parts import Pinned, RankStreams, Record, Stateful

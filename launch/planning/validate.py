@@ -15,7 +15,7 @@ from pathlib import Path
 from extrema.batching import AccumSetting, plan_batch
 from extrema.data import decode_image
 from extrema.data.filelist import FileList, load_or_scan
-from extrema.engine.eval_common import check_same_classes
+from extrema.engine.eval_data import check_same_classes
 from extrema.tasks import FASTPROBE, PRETRAIN
 from launch.config.schema import LaunchConfig
 from launch.planning.dag import JobNode
@@ -136,7 +136,7 @@ def check_data(nodes: list[JobNode], seen: set[tuple[str, tuple[str, ...]]]) -> 
 def check_checkpoint_architecture(path: str, model, what: str) -> None:
     """A checkpoint given by the user must hold an encoder of the configured architecture."""
     from extrema.checkpoint import CheckpointError
-    from extrema.engine.eval_common import architecture_mismatch
+    from extrema.engine.eval_weights import architecture_mismatch
 
     if not Path(path).is_file():
         raise ValidationError(f"{what}={path} does not exist")

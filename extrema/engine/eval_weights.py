@@ -1,6 +1,7 @@
-"""Pieces every evaluation protocol shares: weight loading with an explicit replace-list, the configured encoder,
-class-list checks, top-k counting and a weights fingerprint. The evaluation models themselves live in
-extrema.models (classifier, frozen, head_grid), the process setup in extrema.engine.runtime."""
+"""Which weights an evaluation starts from and the encoder they go into: reading a checkpoint's encoder, the
+architecture check, loading with an explicit replace-list, the configured encoder and a weights fingerprint. The
+evaluation models themselves live in extrema.models (classifier, frozen, head_grid), the process setup in
+extrema.engine.runtime."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from extrema.config.common import ModelConfig
 from extrema.models.encoder import ExtremaViT
 from extrema.models.registry import create_encoder
 from extrema.tasks import FINETUNE, PROBES
+from extrema.text import summarise
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +144,7 @@ def load_protocol_weights(
         log.info("%s: initialised by the protocol, not from the file: %s", what, fresh)
     dropped_keys = sorted(k for k in state if k not in expected)
     if dropped_keys:
-        log.info("%s: checkpoint keys the protocol does not use: %s", what, _summarise(dropped_keys))
+        log.info("%s: checkpoint keys the protocol does not use: %s", what, summarise(dropped_keys))
     return fresh
 
 
@@ -187,37 +189,8 @@ def build_encoder(model: ModelConfig, drop_path_rate: float | None = None) -> Ex
     )
 
 
-# ---- data checks and accuracy ----------------------------------------------------------------------------
-def check_same_classes(train_classes: Sequence[str], val_classes: Sequence[str]) -> None:
-    """Raise a ValueError naming the difference when train and val do not hold the same class folders."""
-    if list(train_classes) == list(val_classes):
-        return
-    only_train = sorted(set(train_classes) - set(val_classes))
-    only_val = sorted(set(val_classes) - set(train_classes))
-    raise ValueError(
-        "train/ and val/ must hold the same class folders (labels are the sorted folder names): "
-        f"only in train/: {_summarise(only_train)}; only in val/: {_summarise(only_val)}. "
-        "Add or remove class folders so both splits list the same classes."
-    )
-
-
-def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, int]:
-    """How many rows have their target among the k highest logits, per k (k capped at the class count)."""
-    num_classes = logits.shape[-1]
-    kmax = min(max(ks), num_classes)
-    top = logits.topk(kmax, dim=-1).indices  # (B, kmax)
-    hit = top == targets[:, None]
-    return {k: int(hit[:, : min(k, num_classes)].any(dim=1).sum()) for k in ks}
-
-
 def _starts(key: str, prefixes: Sequence[str]) -> bool:
     return any(key == p.rstrip(".") or key.startswith(p) for p in prefixes)
-
-
-def _summarise(items: Sequence[str], limit: int = 20) -> str:
-    items = list(items)
-    shown = ", ".join(items[:limit])
-    return f"[{shown}{', ...' if len(items) > limit else ''}] ({len(items)})"
 
 
 def _maybe_int(value) -> int | None:
