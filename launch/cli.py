@@ -19,7 +19,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-SUBMIT_COMMANDS = ("pretrain", "linprobe", "fastprobe", "finetune", "pipeline")
+from extrema.tasks import FASTPROBE, FINETUNE, LINPROBE, PRETRAIN
+from launch.commands import PIPELINE, SUBMIT_COMMANDS
+
 EXIT_USAGE = 2
 PIPE_WIDTH = 250
 
@@ -58,11 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m launch", description="ExtreMA jobs on SLURM or this machine.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     helps = {
-        "pretrain": "submit a pretraining job",
-        "linprobe": "submit a linear probe of a checkpoint (default: the experiment's pretraining)",
-        "fastprobe": "submit a fast probe + kNN of a checkpoint",
-        "finetune": "submit a finetune of a checkpoint",
-        "pipeline": "submit pretraining and its evaluations (afterok); submits only what is missing",
+        PRETRAIN: "submit a pretraining job",
+        LINPROBE: "submit a linear probe of a checkpoint (default: the experiment's pretraining)",
+        FASTPROBE: "submit a fast probe + kNN of a checkpoint",
+        FINETUNE: "submit a finetune of a checkpoint",
+        PIPELINE: "submit pretraining and its evaluations (afterok); submits only what is missing",
     }
     for name in SUBMIT_COMMANDS:
         p = sub.add_parser(name, help=helps[name])

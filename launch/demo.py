@@ -34,6 +34,7 @@ from extrema.config import PretrainConfig
 from extrema.data.synthetic import SyntheticSpec, generate_synthetic_dataset
 from extrema.tasks import FASTPROBE, FINETUNE, LINPROBE, PRETRAIN
 from jobs.manifest import Manifest
+from launch.commands import PIPELINE
 from launch.config.compose import load_launch_config
 from launch.reporting.progress import read_log, read_progress
 from launch.reporting.results import ACCURACY_HEADINGS, KNN, ResultRow, csv_table, experiment_row, markdown_table
@@ -108,7 +109,7 @@ def run_demo(paths: DemoPaths, preset: str, overrides: list[str], console: Conso
 
     with JobProgress(console, [pretrained, baseline]):
         console.rule(f"[bold]1/2 ExtreMA pretraining and its evaluations[/] ({cfg.name})")
-        code = run_command("pipeline", common, console=console).exit_code
+        code = run_command(PIPELINE, common, console=console).exit_code
         if code:
             return _stopped(console, code)
         console.rule("[bold]2/2 the same evaluations of the random initialisation[/]")

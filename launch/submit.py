@@ -16,6 +16,7 @@ from rich.table import Table
 
 from extrema.tasks import PRETRAIN
 from jobs.manifest import job_entries
+from launch.commands import PIPELINE
 from launch.config.compose import load_launch_config
 from launch.config.schema import LaunchConfig
 from launch.planning.dag import build_dag, render_dag
@@ -46,7 +47,7 @@ def plan_command(command: str, cfg: LaunchConfig) -> CommandPlan:
     once the config passed the checks their schedule needs), then planned against the manifest, read once."""
     exp = Experiment.of(cfg)
     milestones = None
-    if command == "pipeline" and cfg.pipeline.eval_every_steps:
+    if command == PIPELINE and cfg.pipeline.eval_every_steps:
         milestones = functools.partial(milestone_evaluations, cfg, exp)
     nodes = validate(cfg, build_dag(cfg, command, exp), exp.run_dir(PRETRAIN), then=milestones)
     recorded = read_manifest(exp)

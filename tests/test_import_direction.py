@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,3 +44,18 @@ def test_the_scanner_sees_imports(tmp_path: Path) -> None:
     sample = tmp_path / "m.py"
     sample.write_text("import submitit\nfrom launch.cli import main\nfrom . import x\n")
     assert imported_top_levels(sample) == {"submitit", "launch"}
+
+
+def test_the_cli_parses_a_command_without_loading_torch() -> None:
+    # The command names come from extrema.tasks; reading them must not pull the training stack in
+    # (extrema's public API is imported on first use).
+    code = (
+        "import sys, launch.cli\n"
+        "args = launch.cli._parser().parse_args(['linprobe', '--dry-run', 'experiment=tiny'])\n"
+        "assert args.command == 'linprobe', args\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "from extrema import load_model\n"
+        "assert load_model.__module__ == 'extrema.api' and 'torch' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -17,12 +17,13 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
 from rich.console import Console
 
+from launch.commands import PIPELINE
 from launch.config.compose import CONFIG_NAME, config_dir, load_launch_config, to_launch_config
 from launch.config.schema import register_configs
 
 # Set by `run_sweep` before Hydra calls `_member` (module state survives into the basic launcher's
 # calls; submitit launchers pickle `_member` with the module, and the values travel in the overrides).
-_COMMAND = {"name": "pipeline", "dry_run": False}
+_COMMAND = {"name": PIPELINE, "dry_run": False}
 
 
 def sweep_keys(overrides: list[str]) -> list[str]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from extrema.tasks import EVALUATIONS, PRETRAIN
+from launch.commands import PIPELINE
 from launch.config.schema import LaunchConfig
 from launch.planning.experiment import Experiment
 
@@ -38,7 +39,7 @@ def build_dag(cfg: LaunchConfig, command: str, exp: Experiment) -> list[JobNode]
     pretrain = JobNode(PRETRAIN, PRETRAIN, cfg.pretrain, [], c.nodes, c.time_limit_min)
     if command == PRETRAIN:
         return [pretrain]
-    if command == "pipeline":
+    if command == PIPELINE:
         evals = [_evaluation(cfg, name, exp, depends=True) for name in cfg.pipeline.evaluations]
         return [pretrain, *evals]
     if command in EVALUATIONS:
