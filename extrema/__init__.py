@@ -11,9 +11,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from extrema.api import load_backbone, load_model
-    from extrema.models import create_encoder, create_model
+if TYPE_CHECKING:  # what type checkers see; at run time `__getattr__` imports them
+    from extrema.api import load_backbone, load_model  # noqa: F401
+    from extrema.models import create_encoder, create_model  # noqa: F401
 
 _PUBLIC_HOMES = {
     "create_encoder": "extrema.models",
@@ -21,7 +21,7 @@ _PUBLIC_HOMES = {
     "load_backbone": "extrema.api",
     "load_model": "extrema.api",
 }
-__all__ = ["create_encoder", "create_model", "load_backbone", "load_model"]
+__all__ = sorted(_PUBLIC_HOMES)
 __version__ = "0.1.0"
 
 
